@@ -1,0 +1,28 @@
+# Two commands a new user needs:  `make demo` (set up, then fine-tune the embedded demo)
+# and `make test` (set up, then run the test suite). Both create ./.venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned so a CPU-only machine with a local torch 2.13.0 CPU wheel takes it instead of a multi-GB
+# CUDA build; on a GPU machine `make setup TORCH="torch==2.13.0"` (the default) gets PyPI's CUDA build.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) scripts/train.py
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

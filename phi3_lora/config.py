@@ -1,0 +1,342 @@
+"""Typed training configuration: the single source of truth for a run.
+
+A run's settings come from three layers, applied in order: the dataclass defaults below, a
+YAML recipe (``--config PATH``), and ``KEY=VALUE`` overrides on the command line
+(``training.max_steps=20 lora.r=8 output_dir=/tmp/run``). Every setting is validated here,
+up front, before any model or data is touched: unknown keys (with the nearest valid key
+suggested), wrong types, impossible values and cross-field rules all raise ``ConfigError``
+with a one-line message that names the key.
+
+The sections read like the Phi-3 cookbook: ``model``, ``data``, ``lora`` (its
+``peft_config``) and ``training`` (its ``training_config``), plus a top-level ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TINY_MODEL = "tiny-random-phi3"
+DEMO_DATA = "demo"
+PHI3_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+# What runs without --config: the tiny random Phi-3 learning the generated demo chat tasks on a CPU
+# in well under a minute (its eval loss falls from ~6.4 to below 1). Defaults fill in the rest.
+DEMO_RECIPE = {
+    "model": {"name_or_path": TINY_MODEL},
+    "data": {"path": DEMO_DATA, "max_seq_len": 512},
+    "lora": {"r": 16, "alpha": 32},
+    "training": {"learning_rate": 1e-3, "warmup_steps": 20, "max_steps": 300, "per_device_batch_size": 8,
+                 "logging_steps": 10, "eval_steps": 50},
+    "output_dir": "outputs/demo",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or impossible. The message names the key."""
+
+
+def _field(default, help: str, choices: tuple | None = None, minimum: float | None = None,
+           exclusive_minimum: bool = False):
+    meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum": exclusive_minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _field(TINY_MODEL, "Hub id or local directory of a Phi-3 checkpoint; "
+                               f"'{TINY_MODEL}' builds a small, seeded, random Phi-3 offline.")
+    tokenizer: str | None = _field(None, "Tokenizer hub id or directory (default: the model's own).")
+    revision: str | None = _field(None, "Hub revision (branch, tag or commit) of the model.")
+    dtype: str = _field("auto", "Weights dtype: auto = bfloat16 on GPUs that support it, else float32.",
+                        choices=("auto", "bfloat16", "float16", "float32"))
+    attn_implementation: str = _field("sdpa", "Attention kernel; flash_attention_2 falls back to sdpa "
+                                      "with a message when flash-attn is missing.",
+                                      choices=("flash_attention_2", "sdpa", "eager"))
+    trust_remote_code: bool = _field(False, "Run model code from the hub (Phi-3 is native to "
+                                     "transformers; leave this off).")
+    tiny_layers: int = _field(2, f"Layers of '{TINY_MODEL}'.", minimum=1)
+    tiny_hidden_size: int = _field(128, f"Hidden size of '{TINY_MODEL}'.", minimum=8)
+    tiny_heads: int = _field(4, f"Attention heads of '{TINY_MODEL}'.", minimum=1)
+    tiny_kv_heads: int = _field(4, f"Key/value heads of '{TINY_MODEL}' (fewer than heads = GQA).", minimum=1)
+    tiny_rope: str = _field("default", f"Rope scaling of '{TINY_MODEL}': default or longrope (as 128k models).",
+                            choices=("default", "longrope"))
+
+
+@dataclass
+class DataConfig:
+    path: str = _field(DEMO_DATA, f"Hub dataset, local .json/.jsonl/.parquet file, or saved datasets "
+                       f"directory; '{DEMO_DATA}' generates the embedded demo chat tasks.")
+    format: str = _field("auto", "Row format: messages (OpenAI role/content), sharegpt (conversations "
+                         "of from/value), alpaca (instruction/input/output); auto detects it.",
+                         choices=("auto", "messages", "sharegpt", "alpaca"))
+    split: str = _field("train", "Split to train on (hub datasets and saved DatasetDicts).")
+    eval_path: str | None = _field(None, "Separate evaluation data (same formats); default: held out "
+                                   "from the training data, or the eval split.")
+    eval_split: str | None = _field(None, "Split to evaluate on, e.g. test (hub datasets / DatasetDicts).")
+    eval_size: float = _field(0.05, "Without an eval split or path: held-out fraction (< 1) or row count "
+                              "(>= 1) of the training data; 0 disables evaluation.", minimum=0)
+    max_seq_len: int = _field(2048, "Longest tokenized example, in tokens.", minimum=8)
+    overlong: str = _field("truncate", "Examples longer than max_seq_len: truncate (keep the start) or drop.",
+                           choices=("truncate", "drop"))
+    train_on_prompt: bool = _field(False, "Supervise every token, not only the assistant turns.")
+    chat_template: str = _field("tokenizer", "tokenizer = the tokenizer's own chat template; phi3 = the "
+                                "built-in Phi-3 template (renders system prompts).",
+                                choices=("tokenizer", "phi3"))
+    num_proc: int = _field(1, "Processes for tokenization (datasets.map).", minimum=1)
+    demo_size: int = _field(1200, f"Conversations generated for data.path={DEMO_DATA}.", minimum=10)
+
+
+@dataclass
+class LoraConfig:
+    backend: str = _field("peft", "LoRA implementation.", choices=("peft",))
+    r: int = _field(16, "LoRA rank.", minimum=1)
+    alpha: float = _field(32.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).",
+                          minimum=0, exclusive_minimum=True)
+    dropout: float = _field(0.05, "Dropout on the LoRA input.", minimum=0)
+    target_modules: list[str] = _field(PHI3_TARGET_MODULES, "Module names to adapt (Phi-3's fused "
+                                       "projections), or ['all-linear'].")
+    bias: str = _field("none", "Train biases: none, all, or lora_only.", choices=("none", "all", "lora_only"))
+    use_rslora: bool = _field(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = _field(False, "Weight-decomposed LoRA (DoRA).")
+    init: str = _field("default", "Adapter init: default (B = 0, Kaiming A), gaussian, pissa, olora.",
+                       choices=("default", "gaussian", "pissa", "olora"))
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = _field(2e-4, "Peak learning rate.", minimum=0, exclusive_minimum=True)
+    lr_scheduler: str = _field("cosine", "Schedule after warmup.", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = _field(0, "Linear warmup steps (overrides warmup_ratio when > 0).", minimum=0)
+    warmup_ratio: float = _field(0.0, "Warmup as a fraction of all optimizer steps.", minimum=0)
+    per_device_batch_size: int = _field(4, "Examples per micro-batch per process.", minimum=1)
+    per_device_eval_batch_size: int = _field(8, "Examples per evaluation batch per process.", minimum=1)
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step per process.", minimum=1)
+    num_epochs: float = _field(1.0, "Epochs to train when max_steps is not set.", minimum=0,
+                               exclusive_minimum=True)
+    max_steps: int = _field(-1, "Optimizer steps to train; -1 = derive from num_epochs.", minimum=-1)
+    max_grad_norm: float = _field(1.0, "Clip the global gradient norm to this; 0 disables clipping.", minimum=0)
+    weight_decay: float = _field(0.0, "AdamW weight decay (never applied to norms and biases).", minimum=0)
+    adam_beta1: float = _field(0.9, "AdamW beta1.", minimum=0)
+    adam_beta2: float = _field(0.999, "AdamW beta2.", minimum=0)
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon.", minimum=0, exclusive_minimum=True)
+    seed: int = _field(42, "Seed for data order, LoRA init and dropout.")
+    logging_steps: int = _field(10, "Log training scalars every N optimizer steps.", minimum=1)
+    eval_steps: int = _field(100, "Evaluate every N optimizer steps (also before the first and at the end); "
+                             "0 = only before and at the end.", minimum=0)
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward (non-reentrant).")
+    mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, else no.",
+                                  choices=("auto", "no", "bf16", "fp16"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output_dir: str = _field("outputs/run", "Where the adapter, tokenizer, config.yaml, metrics and "
+                             "TensorBoard files are written.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, sections: tuple[str, ...] = ("model", "data", "lora")) -> str:
+        """A short hash of the settings that must not change when a run is resumed."""
+        subset = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
+        return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _sections() -> dict[str, type]:
+    """Section name -> its dataclass (``{"model": ModelConfig, ...}``)."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every dotted key (``lora.r``, ``output_dir``...) mapped to its dataclass field."""
+    keys = {}
+    sections = _sections()
+    for f in dataclasses.fields(Config):
+        if f.name in sections:
+            keys.update({f"{f.name}.{sub.name}": sub for sub in dataclasses.fields(sections[f.name])})
+        else:
+            keys[f.name] = f
+    return keys
+
+
+def _field_type(key: str):
+    section, _, name = key.rpartition(".")
+    owner = _sections()[section] if section else Config
+    return typing.get_type_hints(owner)[name]
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
+    if not close:  # a bare name like "r" or "learning_rate": match on the last part
+        tails = {k.rpartition(".")[2]: k for k in all_keys()}
+        close = [tails[t] for t in difflib.get_close_matches(key.rpartition(".")[2], list(tails), n=1, cutoff=0.6)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check ``value`` against the declared type of ``key``; convert int to float where declared."""
+    declared = _field_type(key)
+    optional = False
+    if typing.get_origin(declared) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(declared) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(declared))
+        declared = args[0]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be empty")
+    if typing.get_origin(declared) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return value
+    if declared is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if declared is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if declared is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if declared is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {declared}")  # pragma: no cover - a bug in this module
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key in _sections():
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.max_steps=20"`` -> ``("training.max_steps", 20)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. training.max_steps=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a Config from defaults, a YAML recipe (default: the embedded demo) and overrides.
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type or an impossible value; the message names the key.
+    """
+    tree, origin = (DEMO_RECIPE, "embedded demo") if path is None else (read_yaml(path), str(path))
+    settings: dict[str, Any] = {key: (value, origin) for key, value in _flatten(tree).items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        settings[key] = (value, "command line")
+    known = all_keys()
+    cfg = Config()
+    for key, (value, origin) in settings.items():
+        if key not in known:
+            raise ConfigError(f"unknown key '{key}' ({origin}){_suggest(key)}")
+        value = _coerce(key, value)
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else cfg, name, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Per-key choices and bounds, then the rules that involve several keys."""
+    for key, f in all_keys().items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+        if minimum is not None and value is not None:
+            too_small = value <= minimum if f.metadata.get("exclusive_minimum") else value < minimum
+            if too_small:
+                bound = "greater than" if f.metadata.get("exclusive_minimum") else "at least"
+                raise ConfigError(f"{key}: must be {bound} {minimum:g}, got {value}")
+    t = cfg.training
+    if t.warmup_ratio >= 1:
+        raise ConfigError(f"training.warmup_ratio: must be below 1, got {t.warmup_ratio}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if t.max_steps == 0:
+        raise ConfigError("training.max_steps: must be positive, or -1 to derive it from num_epochs")
+    if not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules: name at least one module (or all-linear)")
+    m = cfg.model
+    if m.tiny_hidden_size % m.tiny_heads or m.tiny_heads % m.tiny_kv_heads:
+        raise ConfigError("model.tiny_*: hidden size must divide by heads, and heads by kv heads")
+    if not str(cfg.output_dir).strip():
+        raise ConfigError("output_dir: must not be empty")
+
+
+def help_text() -> str:
+    """Every key with its default and meaning, grouped by section, for ``--help``."""
+    lines, current = [], None
+    for key, f in all_keys().items():
+        section = key.rpartition(".")[0] or "top level"
+        if section != current:
+            lines.append(f"\n[{section}]")
+            current = section
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        lines.append(f"  {key} = {default!r}\n      {f.metadata['help']}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""From rows to batches: render with the chat template, tokenize, mask labels, plan and collate.
+
+Labels are the input ids where a token is supervised and -100 elsewhere; the model's loss does
+the shift, once. Supervised tokens are each assistant turn's content and the ``<|end|>`` that
+closes it, so the model learns to stop. They are found from the rendered conversation, never
+from hard-coded ids: the conversation up to each assistant turn is rendered with the
+generation prompt and tokenized, which must be a prefix of the whole conversation's tokens
+(else ``DataError``); the turn's span runs from there to its end-of-turn token.
+
+Batches are planned per optimizer step, not per micro-batch (see ``plan_epoch``), so every
+example is seen exactly once per epoch on any number of processes, and every process runs
+the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import DataConfig
+from .formats import DataError, detect_format, read_rows, to_messages
+from .tiny import PHI3_CHAT_TEMPLATE
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def end_of_turn_id(tokenizer) -> int:
+    """The id of Phi-3's ``<|end|>`` (closes every turn), or of eos for tokenizers without it."""
+    token_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        return tokenizer.eos_token_id
+    return token_id
+
+
+def use_chat_template(tokenizer, which: str) -> None:
+    """Select the template: the tokenizer's own, or the built-in Phi-3 one (``data.chat_template``)."""
+    if which == "phi3" or tokenizer.chat_template is None:
+        tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+
+
+class ConversationEncoder:
+    """Turns one conversation into ``input_ids`` and ``labels`` (assistant turns + their end token)."""
+
+    def __init__(self, tokenizer, train_on_prompt: bool = False):
+        self.tokenizer = tokenizer
+        self.train_on_prompt = train_on_prompt
+        self.end_id = end_of_turn_id(tokenizer)
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, messages: list[dict], where: str) -> dict[str, list[int]]:
+        full = self._render(messages, generation_prompt=False)
+        for m in messages:
+            if m["content"] and m["content"] not in full:
+                raise DataError(f"{where}: the chat template drops the {m['role']} message; "
+                                "set data.chat_template=phi3 to render it")
+        ids = self._ids(full)
+        if self.train_on_prompt:
+            return {"input_ids": ids, "labels": list(ids)}
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self._ids(self._render(messages[:i], generation_prompt=True))
+            if ids[:len(prefix)] != prefix:
+                raise DataError(f"{where}: tokens of the conversation up to message {i} are not a prefix "
+                                "of the whole conversation's tokens; cannot mark the assistant turn")
+            try:
+                end = ids.index(self.end_id, len(prefix)) + 1
+            except ValueError:
+                raise DataError(f"{where}: assistant message {i} is not closed by the end-of-turn token") from None
+            labels[len(prefix):end] = ids[len(prefix):end]
+        return {"input_ids": ids, "labels": labels}
+
+
+@dataclass
+class TokenizedSplit:
+    """A tokenized dataset (columns ``input_ids``, ``labels``, ``example_id``) and what was cut."""
+    dataset: object
+    truncated: int
+    dropped: int
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _normalise(rows, fmt: str, source: str) -> list[list[dict]]:
+    if len(rows) == 0:
+        raise DataError(f"{source}: no rows")
+    fmt = detect_format(rows[0], f"{source} row 0") if fmt == "auto" else fmt
+    return [to_messages(row, fmt, f"{source} row {i}") for i, row in enumerate(rows)]
+
+
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: DataConfig, source: str,
+                           first_id: int = 0) -> TokenizedSplit:
+    """Encode conversations with ``datasets.map`` and apply ``data.max_seq_len`` / ``data.overlong``."""
+    import datasets
+
+    encoder = ConversationEncoder(tokenizer, cfg.train_on_prompt)
+    table = datasets.Dataset.from_dict({"messages": conversations,
+                                        "example_id": list(range(first_id, first_id + len(conversations)))})
+
+    def encode(row):
+        out = encoder.encode(row["messages"], f"{source} row {row['example_id'] - first_id}")
+        n = len(out["input_ids"])
+        out["was_truncated"] = n > cfg.max_seq_len
+        if n > cfg.max_seq_len:
+            out = {k: v[:cfg.max_seq_len] if isinstance(v, list) else v for k, v in out.items()}
+        out["num_supervised"] = sum(label != IGNORE_INDEX for label in out["labels"][1:])
+        return out
+
+    encoded = table.map(encode, remove_columns=["messages"], num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                        desc=f"Tokenizing {source}")
+    over = encoded["was_truncated"]
+    n_over = sum(over)
+    keep = [i for i, (o, s) in enumerate(zip(over, encoded["num_supervised"]))
+            if s > 0 and not (o and cfg.overlong == "drop")]
+    dropped = len(encoded) - len(keep)
+    if not keep:
+        raise DataError(f"{source}: every example was dropped (longer than data.max_seq_len="
+                        f"{cfg.max_seq_len} or nothing supervised left after truncation)")
+    encoded = encoded.select(keep) if dropped else encoded
+    return TokenizedSplit(encoded.remove_columns(["was_truncated", "num_supervised"]),
+                          truncated=n_over if cfg.overlong == "truncate" else 0, dropped=dropped)
+
+
+def _held_out_count(n: int, eval_size: float) -> int:
+    if eval_size <= 0:
+        return 0
+    count = int(eval_size) if eval_size >= 1 else max(1, round(n * eval_size))
+    if count >= n:
+        raise DataError(f"data.eval_size={eval_size} holds out all {n} rows; nothing left to train on")
+    return count
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit, TokenizedSplit | None]:
+    """Load, normalise, split and tokenize the training data and the evaluation data (if any)."""
+    rows = read_rows(cfg.path, cfg.split, cfg.demo_size, seed=0)
+    conversations = _normalise(rows, cfg.format, cfg.path)
+    eval_conversations = None
+    if cfg.eval_path or cfg.eval_split:
+        eval_rows = read_rows(cfg.eval_path or cfg.path, cfg.eval_split or cfg.split, cfg.demo_size, seed=1)
+        eval_conversations = _normalise(eval_rows, cfg.format, cfg.eval_path or f"{cfg.path}[{cfg.eval_split}]")
+    else:
+        n_eval = _held_out_count(len(conversations), cfg.eval_size)
+        if n_eval:
+            order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
+            eval_conversations = [conversations[i] for i in sorted(order[:n_eval])]
+            conversations = [conversations[i] for i in sorted(order[n_eval:])]
+    train = tokenize_conversations(conversations, tokenizer, cfg, cfg.path)
+    evaluation = None
+    if eval_conversations:
+        evaluation = tokenize_conversations(eval_conversations, tokenizer, cfg, "eval data")
+    return train, evaluation
+
+
+# ----------------------------------------------------------------------------- batching
+
+def plan_epoch(num_examples: int, epoch: int, seed: int, micro_batch_size: int, accumulation: int,
+               num_processes: int, process_index: int, shuffle: bool = True) -> list[list[list[int]]]:
+    """The micro-batches of one process for one epoch, grouped by optimizer step.
+
+    The epoch's examples are shuffled (seed + epoch, the same on every process) and cut into
+    optimizer steps of ``micro_batch_size * accumulation * num_processes`` examples. Within a step,
+    example k goes to slot k mod (accumulation * num_processes), slot = (micro-batch, process).
+    So every example is used exactly once per epoch; the last, smaller step spreads its remainder
+    evenly, and a slot it cannot fill is an empty micro-batch (it contributes no tokens to the loss),
+    so every process always runs ``accumulation`` micro-batches per step.
+
+    Returns:
+        ``steps[s][j]`` = example indices of micro-batch j of optimizer step s on this process.
+    """
+    if shuffle:
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(num_examples))
+    per_step = micro_batch_size * accumulation * num_processes
+    slots = accumulation * num_processes
+    steps = []
+    for start in range(0, num_examples, per_step):
+        chunk = order[start:start + per_step]
+        micro_batches = []
+        for j in range(accumulation):
+            slot = j * num_processes + process_index
+            micro_batches.append(chunk[slot::slots])
+        steps.append(micro_batches)
+    return steps
+
+
+def steps_per_epoch(num_examples: int, micro_batch_size: int, accumulation: int, num_processes: int) -> int:
+    return math.ceil(num_examples / (micro_batch_size * accumulation * num_processes))
+
+
+class Collator:
+    """Pads a list of tokenized examples into a batch; an empty list gives one all-ignored row."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            return {"input_ids": torch.full((1, 1), self.pad_token_id), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                    "labels": torch.full((1, 1), IGNORE_INDEX), "example_ids": torch.empty(0, dtype=torch.long)}
+        longest = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX)
+        mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[row, :n] = torch.tensor(e["input_ids"])
+            labels[row, :n] = torch.tensor(e["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                "example_ids": torch.tensor([e["example_id"] for e in examples])}
+
+
+def micro_batches(dataset, plan: list[list[list[int]]], collate: Collator):
+    """Yield (step_index, [batch per micro-batch]) for a plan made by ``plan_epoch``."""
+    for s, step in enumerate(plan):
+        yield s, [collate([dataset[i] for i in idx]) if idx else collate([]) for idx in step]

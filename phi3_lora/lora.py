@@ -1,0 +1,60 @@
+"""Attach LoRA adapters (the ``lora`` section, the cookbook's ``peft_config``) to a frozen base.
+
+Phi-3 fuses its projections, so the default targets are ``qkv_proj, o_proj, gate_up_proj,
+down_proj``; peft has no Phi-3 default. A requested target that matches no module is an error,
+not a silent skip (the cookbook's own notebook asks for ``q_proj, k_proj, v_proj`` that Phi-3
+does not have). Only adapter parameters train.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError, LoraConfig
+
+
+def linear_module_names(model) -> set[str]:
+    """Last-name parts of every linear layer (``qkv_proj``, ``lm_head``...)."""
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")}
+
+
+def check_targets(model, targets: list[str]) -> None:
+    """Every requested target must name at least one linear layer of the model."""
+    if targets == ["all-linear"]:
+        return
+    available = linear_module_names(model) - {"lm_head"}
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} match no module of this model; "
+                          f"Phi-3's linear layers are {', '.join(sorted(available))}")
+
+
+def peft_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}[cfg.init]
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                          init_lora_weights=init, task_type="CAUSAL_LM")
+
+
+def attach_lora(model, cfg: LoraConfig, seed: int):
+    """Wrap ``model`` in a peft model with fresh adapters drawn from ``seed``; the base is frozen."""
+    from peft import get_peft_model
+
+    check_targets(model, cfg.target_modules)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_config(cfg))
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,67 @@
+"""Shared fixtures: paths, the real Phi-3 tokenizer from ../shared (skipped when absent), run helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PHI3_LORA_SHARED", ROOT.parent / "shared"))
+TRAIN = ROOT / "scripts" / "train.py"
+
+# Small, fast runs of the tiny model on the demo data; each test adds its own overrides.
+FAST = ["data.demo_size=120", "data.max_seq_len=256", "training.logging_steps=1", "training.eval_steps=0",
+        "model.tiny_hidden_size=64", "training.per_device_eval_batch_size=16"]
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real Phi-3 tokenizer and chat data live in ../shared "
+                    "(set PHI3_LORA_SHARED to point elsewhere)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(shared_path("phi3-tokenizer", "hf")))
+
+
+def run_script(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(args, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def train(output_dir: Path, *overrides: str, launcher: list[str] | None = None, **kwargs):
+    """Run scripts/train.py (optionally under a launcher) with FAST settings and the overrides."""
+    args = (launcher or [sys.executable]) + [str(TRAIN), f"output_dir={output_dir}", *FAST, *overrides]
+    return run_script(args, **kwargs)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in read_metrics(output_dir) if "loss" in m]
+
+
+def accelerate_launch(num_processes: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *extra]
+
+
+def load_adapter_tensors(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))

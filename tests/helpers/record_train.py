@@ -1,0 +1,34 @@
+"""scripts/train.py, plus a record of which examples each process trained on (for the tests).
+
+Writes OUTPUT_DIR/seen.rank{R}.json: for every optimizer step, the example ids of this process.
+Also records whether the base model's parameters were partitioned by ZeRO-3 at load time.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E402
+from phi3_lora.loop import Trainer  # noqa: E402
+
+
+def main(argv=None):
+    cfg = config_from_args(config_parser(__doc__, epilog_keys=False).parse_args(argv))
+    trainer = Trainer(cfg)
+    seen = []
+    step = trainer.train_step
+
+    def recording_step(batches):
+        seen.append([int(i) for b in batches for i in b["example_ids"]])
+        return step(batches)
+
+    trainer.train_step = recording_step
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    Path(cfg.output_dir, f"seen.rank{rank}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    run_main(main)

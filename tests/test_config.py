@@ -1,0 +1,94 @@
+"""Config: layering, validation messages, --help, and every shipped config file."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phi3_lora.config import DEMO_RECIPE, ConfigError, all_keys, help_text, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "tiny-random-phi3"
+    assert cfg.training.learning_rate == DEMO_RECIPE["training"]["learning_rate"]
+    assert cfg.output_dir == "outputs/demo"
+
+
+def test_overrides_are_typed_and_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  max_steps: 5\n  learning_rate: 3e-4\nlora:\n  r: 4\n")
+    cfg = load_config(recipe, ["lora.r=8", "training.num_epochs=2", "lora.target_modules=[qkv_proj,o_proj]",
+                               "output_dir=/tmp/x"])
+    assert (cfg.training.max_steps, cfg.training.learning_rate, cfg.lora.r) == (5, 3e-4, 8)
+    assert cfg.training.num_epochs == 2.0 and isinstance(cfg.training.num_epochs, float)
+    assert cfg.lora.target_modules == ["qkv_proj", "o_proj"]
+    assert cfg.output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rat=1e-4", "unknown key 'training.learning_rat' (command line) (did you mean "
+                                   "'training.learning_rate'?)"),
+    ("lora.rank=8", "unknown key 'lora.rank'"),
+    ("learning_rate=1e-4", "did you mean 'training.learning_rate'?"),
+    ("training.learning_rate=-1", "training.learning_rate: must be greater than 0, got -1.0"),
+    ("training.max_steps=ten", "training.max_steps: expected an integer, got 'ten'"),
+    ("training.gradient_checkpointing=maybe", "training.gradient_checkpointing: expected true or false"),
+    ("training.lr_scheduler=exp", "training.lr_scheduler: 'exp' is not one of linear, cosine, constant"),
+    ("lora.dropout=1.5", "lora.dropout: must be in [0, 1), got 1.5"),
+    ("training.max_steps", "expected KEY=VALUE"),
+])
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("training:\n  warmup_step: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'training.warmup_step' \(.*bad.yaml\) \(did you mean "
+                                          r"'training.warmup_steps'\?\)"):
+        load_config(recipe)
+
+
+def test_help_lists_every_key_with_default():
+    text = help_text()
+    for key, f in all_keys().items():
+        assert f"  {key} = " in text, key
+        assert f.metadata["help"] in text
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["lora.r=4", "training.seed=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    cfg = load_config(path)
+    assert cfg.output_dir
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_is_valid(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    launch = load_config_from_file(str(path))
+    ds_file = (launch.deepspeed_config or {}).get("deepspeed_config_file")
+    if ds_file:
+        assert (ROOT / ds_file).is_file(), f"{path.name} points at missing {ds_file}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").rglob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_config_leaves_training_settings_to_the_recipe(path):
+    ds = json.loads(path.read_text())
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto", f"{path.name}: {key} must be 'auto' (the training config owns it)"
+    assert "optimizer" not in ds and "scheduler" not in ds, "the training loop owns the optimizer and schedule"
+    assert ds["bf16"]["enabled"] == "auto"

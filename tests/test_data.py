@@ -1,0 +1,195 @@
+"""Data: formats, bad rows, assistant-only labels (tiny and real Phi-3 tokenizer), epoch plans."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import shared_path
+from phi3_lora.config import load_config
+from phi3_lora.data import (IGNORE_INDEX, Collator, ConversationEncoder, build_datasets, plan_epoch,
+                            use_chat_template)
+from phi3_lora.formats import DataError, detect_format, read_rows, to_messages
+from phi3_lora.tiny import tiny_tokenizer
+
+
+def supervised_spans(input_ids, labels):
+    """Runs of consecutive supervised positions, as lists of ids."""
+    spans, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
+
+
+def assistant_targets(messages):
+    return [m["content"] + "<|end|>" for m in messages if m["role"] == "assistant"]
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4, and ünïcode."}]
+
+
+def test_tiny_tokenizer_labels_cover_assistant_turns_and_end():
+    tok = tiny_tokenizer()
+    out = ConversationEncoder(tok).encode(CONVERSATION, "test")
+    spans = supervised_spans(out["input_ids"], out["labels"])
+    assert [tok.decode(s) for s in spans] == assistant_targets(CONVERSATION)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert [s[-1] for s in spans] == [end, end]
+    # the eos that closes the rendering is not supervised, nor is the newline after <|end|>
+    assert out["labels"][-1] == IGNORE_INDEX and out["input_ids"][-1] == tok.eos_token_id
+
+
+def test_train_on_prompt_supervises_everything():
+    out = ConversationEncoder(tiny_tokenizer(), train_on_prompt=True).encode(CONVERSATION, "test")
+    assert out["labels"] == out["input_ids"]
+
+
+@pytest.mark.parametrize("filename, fmt", [("sharegpt_conversations.json", "sharegpt"),
+                                           ("alpaca_cleaned_1000.json", "alpaca"),
+                                           ("sharegpt_conversations_with_system.json", "sharegpt")])
+def test_real_tokenizer_labels_decode_to_assistant_contents(phi3_tokenizer, filename, fmt):
+    rows = read_rows(str(shared_path("data", filename)))
+    assert detect_format(rows[0], filename) == fmt
+    use_chat_template(phi3_tokenizer, "phi3")  # the stored GGUF template has no system role
+    encoder = ConversationEncoder(phi3_tokenizer)
+    checked = systems = 0
+    for i, row in enumerate(rows[:60]):
+        messages = to_messages(row, fmt, f"{filename} row {i}")
+        systems += messages[0]["role"] == "system"
+        out = encoder.encode(messages, f"row {i}")
+        if messages[0]["role"] == "system":
+            rendered = phi3_tokenizer.decode(out["input_ids"])
+            assert rendered.startswith("<s><|system|>") and messages[0]["content"] in rendered
+        spans = supervised_spans(out["input_ids"], out["labels"])
+        assert [phi3_tokenizer.decode(s) for s in spans] == assistant_targets(messages), f"row {i}"
+        assert all(s[-1] == 32007 for s in spans)  # Phi-3's <|end|>, as documented in ../shared
+        checked += 1
+    assert checked == 60
+    if "system" in filename:
+        assert systems > 0
+
+
+def test_messages_format_with_real_tokenizer(phi3_tokenizer):
+    use_chat_template(phi3_tokenizer, "phi3")
+    out = ConversationEncoder(phi3_tokenizer).encode(CONVERSATION, "messages row")
+    spans = supervised_spans(out["input_ids"], out["labels"])
+    assert [phi3_tokenizer.decode(s) for s in spans] == assistant_targets(CONVERSATION)
+    assert out["input_ids"][0] == 1  # <s>
+
+
+def test_template_that_drops_system_prompt_fails_loudly(phi3_tokenizer):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(shared_path("phi3-tokenizer", "hf")))  # its own template
+    with pytest.raises(DataError, match="drops the system message; set data.chat_template=phi3"):
+        ConversationEncoder(tok).encode(CONVERSATION, "row 3")
+
+
+@pytest.mark.parametrize("row, fmt, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "row 7: no assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "messages",
+     "no assistant turn"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "unknown role 'robot'"),
+    ({"messages": [{"role": "user"}]}, "messages", "message 0 needs 'role' and 'content'"),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "sharegpt", "unknown speaker 'alien'"),
+    ({"instruction": "x"}, "alpaca", "need string 'instruction' and 'output'"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "must start with a user turn"),
+])
+def test_bad_rows_name_row_and_problem(row, fmt, message):
+    with pytest.raises(DataError, match=message):
+        to_messages(row, fmt, "data.jsonl row 7")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path.write_text(f"{good}\n{good}\n{{not json\n")
+    with pytest.raises(DataError, match=r"d.jsonl line 3: not valid JSON"):
+        read_rows(str(path))
+
+
+def test_unknown_format_names_the_keys():
+    with pytest.raises(DataError, match=r"cannot tell the format from keys \['prompt', 'response'\]"):
+        detect_format({"prompt": "a", "response": "b"}, "x.jsonl row 0")
+
+
+def test_truncate_and_drop_are_counted(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * 20}]}
+            for n in (10, 10, 300, 400)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    tok = tiny_tokenizer()
+    for mode, kept, truncated, dropped in (("drop", 2, 0, 2), ("truncate", 2, 2, 2)):
+        cfg = load_config(None, [f"data.path={path}", "data.max_seq_len=100", f"data.overlong={mode}",
+                                 "data.eval_size=0"])
+        train, _ = build_datasets(cfg.data, tok, seed=0)
+        # truncation cuts off the whole answer of the long rows: they have nothing left to learn, so go
+        assert (len(train), train.truncated, train.dropped) == (kept, truncated, dropped)
+        assert max(len(x) for x in train.dataset["input_ids"]) <= 100
+
+
+def test_held_out_eval_split_is_disjoint_and_deterministic():
+    cfg = load_config(None, ["data.demo_size=100", "data.eval_size=0.1"])
+    tok = tiny_tokenizer()
+    train, evaluation = build_datasets(cfg.data, tok, seed=3)
+    train2, evaluation2 = build_datasets(cfg.data, tok, seed=3)
+    assert (len(train), len(evaluation)) == (90, 10)
+    assert list(evaluation.dataset["input_ids"]) == list(evaluation2.dataset["input_ids"])
+    assert list(train.dataset["input_ids"]) == list(train2.dataset["input_ids"])
+    everything, _ = build_datasets(load_config(None, ["data.demo_size=100", "data.eval_size=0"]).data, tok, seed=3)
+    split = sorted(map(tuple, list(train.dataset["input_ids"]) + list(evaluation.dataset["input_ids"])))
+    assert split == sorted(map(tuple, everything.dataset["input_ids"]))  # a partition of the same rows
+
+
+@pytest.mark.parametrize("n, mbs, accum, procs", list(itertools.product([1, 7, 16, 37], [1, 3], [1, 2], [1, 2, 3])))
+def test_epoch_plan_uses_each_example_once_with_equal_micro_batches(n, mbs, accum, procs):
+    plans = [plan_epoch(n, epoch=1, seed=5, micro_batch_size=mbs, accumulation=accum, num_processes=procs,
+                        process_index=r) for r in range(procs)]
+    seen = [i for plan in plans for step in plan for micro in step for i in micro]
+    assert sorted(seen) == list(range(n))
+    assert len({len(plan) for plan in plans}) == 1  # same number of optimizer steps on every process
+    assert all(len(step) == accum for plan in plans for step in plan)
+    assert all(len(micro) <= mbs for plan in plans for step in plan for micro in step)
+
+
+def test_epoch_plans_differ_between_epochs_and_match_across_calls():
+    a = plan_epoch(50, 0, 1, 4, 1, 1, 0)
+    assert a == plan_epoch(50, 0, 1, 4, 1, 1, 0)
+    assert a != plan_epoch(50, 1, 1, 4, 1, 1, 0)
+
+
+def test_collator_pads_and_masks():
+    batch = Collator(pad_token_id=9)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "example_id": 4},
+                                      {"input_ids": [5], "labels": [5], "example_id": 8}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 9, 9]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["example_ids"].tolist() == [4, 8]
+    empty = Collator(9)([])
+    assert (empty["labels"] == IGNORE_INDEX).all() and empty["example_ids"].numel() == 0
+    assert torch.equal(empty["input_ids"], torch.tensor([[9]]))
+
+
+def test_inspect_data_marks_spans_and_writes_jsonl(tmp_path):
+    import sys
+
+    from conftest import ROOT, run_script
+    out = tmp_path / "examples.jsonl"
+    proc = run_script([sys.executable, str(ROOT / "scripts" / "inspect_data.py"), "--num_examples", "3",
+                       "--jsonl", str(out), "data.demo_size=50"])
+    assert proc.stdout.count("--- example") == 3
+    assert "<|assistant|>\n[[" in proc.stdout and "<|end|>]]" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    tok = tiny_tokenizer()
+    for row in rows:
+        spans = supervised_spans(row["input_ids"], row["labels"])
+        assert spans and all(tok.decode(s).endswith("<|end|>") for s in spans)
+        assert all(label == IGNORE_INDEX or label == token for token, label in zip(row["input_ids"], row["labels"]))

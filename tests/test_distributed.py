@@ -1,0 +1,142 @@
+"""One process, DDP, ZeRO-2, ZeRO-3 (+ CPU offload) and two 'machines' give the same numbers.
+
+Every run here is a real ``accelerate launch`` with 2 processes on the CPU (gloo). Same seed, same
+data, same global batch of 4 examples: one process runs 2 micro-batches of 2, the others one micro-
+batch of 2 per process. The data (45 examples, two epochs) does not divide into steps of 4.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, accelerate_launch, load_adapter_tensors, run_script, train_losses
+
+RECORD = ROOT / "tests" / "helpers" / "record_train.py"
+N_EXAMPLES = 45
+COMMON = ["data.demo_size=45", "training.max_steps=-1", "data.eval_size=0", "training.num_epochs=2", "lora.dropout=0",
+          "training.logging_steps=1", "training.eval_steps=0", "data.max_seq_len=256",
+          "model.tiny_hidden_size=64", "training.per_device_batch_size=2", "training.learning_rate=3e-3"]
+STEPS = 2 * math.ceil(N_EXAMPLES / 4)
+
+
+def record_run(out, launcher, *overrides):
+    args = launcher + [str(RECORD), f"output_dir={out}", *COMMON, *overrides]
+    return run_script(args, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    record_run(out, [sys.executable], "training.gradient_accumulation_steps=2")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model saved like a hub checkpoint, so ZeRO-3 loads it with from_pretrained + zero.Init."""
+    from phi3_lora.config import load_config
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, COMMON)
+    out = tmp_path_factory.mktemp("tiny_model")
+    load_model(cfg.model, load_tokenizer(cfg.model), seed=cfg.training.seed).save_pretrained(out)
+    return out
+
+
+def assert_same_run(reference, other, rel=1e-4):
+    ref_losses, losses = train_losses(reference), train_losses(other)
+    assert [s for s, _ in ref_losses] == list(range(1, STEPS + 1))
+    assert [s for s, _ in losses] == [s for s, _ in ref_losses]
+    for (step, a), (_, b) in zip(ref_losses, losses):
+        assert b == pytest.approx(a, rel=rel), f"step {step}: {a} vs {b}"
+    assert ref_losses[-1][1] < ref_losses[0][1] - 0.3  # it learned something, so equality means something
+    ref, got = load_adapter_tensors(reference), load_adapter_tensors(other)
+    assert ref.keys() == got.keys() and len(ref) > 0
+    for key in ref:
+        assert got[key].shape == ref[key].shape and got[key].numel() > 0, key
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def assert_each_example_once_per_epoch(out, num_processes):
+    per_rank = [json.loads((out / f"seen.rank{r}.json").read_text()) for r in range(num_processes)]
+    assert len({len(steps) for steps in per_rank}) == 1 and len(per_rank[0]) == STEPS
+    steps_per_epoch = STEPS // 2
+    for epoch in range(2):
+        ids = [i for steps in per_rank for step in steps[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch]
+               for i in step]
+        assert sorted(ids) == list(range(N_EXAMPLES)), f"epoch {epoch}"
+    # the remainder: 45 = 11 full steps of 4 + 1 example, which goes to rank 0; rank 1 runs an empty micro-batch
+    last = [len(per_rank[r][steps_per_epoch - 1]) for r in range(num_processes)]
+    assert sorted(last) == ([0, 1] if num_processes == 2 else [1])
+
+
+def assert_one_writer(out, num_processes):
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == num_processes
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    steps = [s for s, _ in train_losses(out)]
+    assert len(steps) == len(set(steps)) == STEPS  # metrics.jsonl written once per step, not per process
+    return summary
+
+
+def test_single_process_reference(single):
+    assert_each_example_once_per_epoch(single, 1)
+    assert assert_one_writer(single, 1)["distributed_type"] == "NO"
+
+
+def test_ddp_two_processes_match_single(single, tmp_path):
+    record_run(tmp_path, accelerate_launch(2, "--multi_gpu"))
+    assert_same_run(single, tmp_path)
+    assert_each_example_once_per_epoch(tmp_path, 2)
+    assert assert_one_writer(tmp_path, 2)["distributed_type"] == "MULTI_CPU"
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
+def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
+    launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / f"deepspeed_{stage}.yaml"))
+    proc = record_run(tmp_path, launcher, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3")
+    assert_same_run(single, tmp_path)
+    assert_each_example_once_per_epoch(tmp_path, 2)
+    assert assert_one_writer(tmp_path, 2)["distributed_type"] == "DEEPSPEED"
+    if stage != "zero2":
+        assert "loaded partitioned across 2 processes (ZeRO-3 zero.Init)" in proc.stdout
+
+
+def test_zero3_adapter_loads_onto_base(single, tiny_model_dir, tmp_path):
+    """The ZeRO-3 adapter (gathered, full shapes) loads with PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml"))
+    record_run(tmp_path, launcher, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3",
+               "training.max_steps=3")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    saved = load_adapter_tensors(tmp_path)
+    assert len(loaded) == len(saved) > 0
+    for key, value in saved.items():
+        model_key = key.replace(".weight", ".default.weight")
+        torch.testing.assert_close(loaded[model_key], value)
+        assert value.abs().sum() > 0 or "lora_B" in key
+
+
+def test_two_machines_on_one_host_match_single(single, tmp_path):
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                    "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                    "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        args = launcher + [str(RECORD), f"output_dir={tmp_path}", *COMMON]
+        procs.append(subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert_same_run(single, tmp_path)
+    assert_each_example_once_per_epoch(tmp_path, 2)
+    assert_one_writer(tmp_path, 2)

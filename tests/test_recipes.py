@@ -1,0 +1,54 @@
+"""Each shipped GPU recipe, run for two steps on a tiny model of the same architecture.
+
+The recipes name hub models this machine cannot download; the test builds a tiny Phi-3 of the same
+kind — rope type (LongRoPE for the 128k and 3.5 models), grouped-query attention ratio, fused
+projections — and runs the recipe's own LoRA and training settings on the demo data.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TRAIN, read_metrics, run_script
+from phi3_lora.architectures import known_shape
+from phi3_lora.config import load_config
+
+RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_runs_two_steps_at_tiny_size(recipe, tmp_path):
+    cfg = load_config(recipe)
+    shape = known_shape(cfg.model.name_or_path)
+    assert shape is not None, f"{recipe.name}: {cfg.model.name_or_path} is not a known Phi-3"
+    heads = 4
+    kv_heads = heads * shape.num_key_value_heads // shape.num_attention_heads
+    overrides = [
+        "model.name_or_path=tiny-random-phi3", "model.tokenizer=tiny-random-phi3", "model.dtype=float32",
+        "model.attn_implementation=sdpa", f"model.tiny_rope={shape.rope}", f"model.tiny_heads={heads}",
+        f"model.tiny_kv_heads={kv_heads}", "model.tiny_hidden_size=64",
+        "data.path=demo", "data.split=train", "data.eval_split=null", "data.demo_size=40", "data.eval_size=8",
+        "training.max_steps=2", "training.logging_steps=1", "training.per_device_batch_size=2",
+        "training.gradient_accumulation_steps=1", f"output_dir={tmp_path}",
+    ]
+    run_script([sys.executable, str(TRAIN), "--config", str(recipe), *overrides], timeout=300)
+    losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    saved = load_config(Path(tmp_path) / "config.yaml")
+    assert saved.lora == cfg.lora  # the recipe's own LoRA settings were used
+    assert saved.training.gradient_checkpointing == cfg.training.gradient_checkpointing
+
+
+def test_longrope_tiny_model_switches_factors_past_original_context():
+    import torch
+
+    from phi3_lora.tiny import tiny_phi3_config, tiny_phi3_model, tiny_tokenizer
+    config = tiny_phi3_config(tiny_tokenizer(), hidden=64, rope="longrope", max_position_embeddings=256)
+    model = tiny_phi3_model(config)
+    rotary = model.model.rotary_emb
+    x = torch.zeros(1, 1, 64)
+    short = rotary(x, torch.arange(60)[None])[0]
+    long = rotary(x, torch.arange(100)[None])[0]  # past original_max_position_embeddings = 64
+    assert config.rope_parameters["rope_type"] == "longrope"
+    assert not torch.allclose(short[0, :60], long[0, :60])  # the long factors apply to the whole batch
