@@ -1,21 +1,59 @@
-"""Adapter files on disk: collect the adapter state_dict, and write directories atomically.
+"""Checkpoints you can trust: adapter-only state_dicts, checked loading, atomic resumable saves.
 
-Only adapter tensors are saved (a few MB, not the base model). Under ZeRO-3 each parameter is
-partitioned across processes, so collecting the adapter gathers the trainable parameters —
-only those, never the frozen base — and every process must take part (it is a collective);
-only the main process writes. A directory is written under a temporary name, fsynced and
-renamed into place, so a reader sees a complete adapter or none.
+**Adapter state_dicts.** Only adapter tensors are saved (a few MB, never the base model), as
+safetensors in PEFT's format. Under ZeRO-3 each parameter is partitioned across processes, so
+collecting the adapter gathers the trainable parameters — only those — on every process (a
+collective); only the main process writes. Loading applies the file with ``strict=False`` and
+then *checks*: every key in the file must land on a parameter of the model (else the file is for
+another model, or its prefix is foreign), and every adapter parameter of the model must be
+covered; only missing base keys are expected. Prefixes of DDP (``module.``), torch.compile and
+peft (``base_model.model.``, adapter names) are normalised first. A wrong shape names both ranks.
+
+**Resumable checkpoints** live in ``output_dir/checkpoints/step-NNNNNN/``: ``adapter/``, the
+optimizer and LR scheduler states, every process's RNG states, ``trainer_state.json`` (data
+position, step, tokens, eval history, a fingerprint of the settings) and ``config.yaml``.
+Under DeepSpeed the optimizer partitions are DeepSpeed's own files in ``deepspeed/``.
+
+**Atomic.** A checkpoint is written into a hidden temporary directory, fsynced, given a marker
+(``COMPLETE.json``, which lists the SHA-256 of every file) and renamed into place; deletion
+renames first. So a checkpoint directory is complete or absent, and a crash at any moment never
+damages an earlier one. Before anything is read, every file is checked against the marker, so a
+truncated, corrupted or replaced file is reported by name and never unpickled.
+
+**Safe loading.** Tensors come only from safetensors; the few other files are JSON, or torch
+files read with ``weights_only=True`` (after the checksum check; DeepSpeed reads its own files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import random
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+MARKER = "COMPLETE.json"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or adapter file is missing, damaged, or does not fit the model; the message names it."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on a preemption signal; run again to resume
+
+
+class Preempted(Exception):
+    """Raised once the checkpoint of a preempted run is saved; the CLI exits with ``EXIT_PREEMPTED``."""
+
+
+# ----------------------------------------------------------------------------- adapter state_dicts
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """Full-shape CPU copies of the trainable (adapter) parameters, keyed by their names in ``model``.
@@ -38,16 +76,144 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
+def save_peft_adapter(peft_model, state_dict: dict[str, torch.Tensor], target: str | Path) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) atomically."""
+    with atomic_directory(target) as tmp:
+        write_peft_adapter(peft_model, state_dict, tmp)
+    return Path(target)
+
+
+def write_peft_adapter(peft_model, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+    from safetensors import safe_open
+
+    peft_model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as saved:
+        written = len(list(saved.keys()))
+    if written != len(state_dict):  # peft drops keys it does not recognise, silently
+        raise RuntimeError(f"adapter save wrote {written} of {len(state_dict)} tensors")
+
+
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def normalise_adapter_key(key: str, adapter_name: str = "default") -> str:
+    """Map a key saved by DDP, DeepSpeed, torch.compile or peft to the peft model's parameter name."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    if not key.startswith("base_model.model."):
+        key = "base_model.model." + key
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in _ADAPTER_PARTS and (i + 1 >= len(parts) or parts[i + 1] != adapter_name):
+            parts.insert(i + 1, adapter_name)
+            break
+    return ".".join(parts)
+
+
+def _rank_of(name: str, shape: torch.Size) -> int | None:
+    if ".lora_A." in name or ".lora_embedding_A." in name:
+        return shape[0]
+    if ".lora_B." in name or ".lora_embedding_B." in name:
+        return shape[-1]
+    return None
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> int:
+    """Apply an adapter state_dict with ``strict=False``, then check that it really landed.
+
+    Raises:
+        CheckpointError: keys of the file match no parameter (another model, or a foreign prefix),
+            adapter parameters of the model are not in the file, or shapes differ (another rank).
+    Returns:
+        The number of base-model keys that were (expectedly) missing.
+    """
+    params = dict(model.named_parameters())
+    adapter = {name for name, p in params.items() if p.requires_grad}
+    renamed = {normalise_adapter_key(k): v for k, v in state.items()}
+    unexpected = sorted(set(renamed) - set(params))
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} of {len(renamed)} keys match no parameter of this "
+                              f"model (another model, or a foreign prefix?), e.g. {', '.join(unexpected[:3])}")
+    missing = sorted(adapter - set(renamed))
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} adapter parameters of the model are not in the file, "
+                              f"e.g. {', '.join(missing[:3])}")
+    for name, value in renamed.items():
+        expected = params[name].ds_shape if hasattr(params[name], "ds_shape") else params[name].shape
+        if tuple(value.shape) != tuple(expected):
+            found_r, want_r = _rank_of(name, value.shape), _rank_of(name, expected)
+            rank = f" (rank {found_r} in the file, the model has rank {want_r})" if found_r != want_r else ""
+            raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected)}{rank}")
+    result = model.load_state_dict(renamed, strict=False)
+    if result.unexpected_keys:  # cannot happen after the checks above; a guard against silent loads
+        raise CheckpointError(f"{source}: unexpected keys {result.unexpected_keys[:3]}")
+    return len(result.missing_keys)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or a CheckpointError naming the file (never unpickles)."""
+    from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for bad headers and short files
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def torch_load(path: Path, map_location="cpu"):
+    """``torch.load(weights_only=True)``: plain tensors and containers only, never arbitrary objects."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read safely ({str(err).splitlines()[0][:200]})") from None
+
+
+# ----------------------------------------------------------------------------- atomic directories
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def commit_directory(tmp: Path, target: Path, manifest: bool = False, extra: dict | None = None) -> None:
+    """fsync ``tmp``, optionally write the marker with every file's checksum, and rename it to ``target``."""
+    for path in _files(tmp):
+        _fsync(path)
+    if manifest:
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+        marker = tmp / MARKER
+        marker.write_text(json.dumps({**(extra or {}), "files": files}, indent=1))
+        _fsync(marker)
+    _fsync(tmp)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    _fsync(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 @contextlib.contextmanager
@@ -59,37 +225,112 @@ def atomic_directory(target: str | Path):
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_peft_adapter(peft_model, state_dict: dict[str, torch.Tensor], target: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) atomically."""
-    from safetensors import safe_open
+def remove_directory(path: Path) -> None:
+    """Rename, then delete: a crash half-way leaves a hidden directory, never a half checkpoint."""
+    doomed = path.parent / f".{path.name}.deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
 
-    with atomic_directory(target) as tmp:
-        peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        with safe_open(str(tmp / "adapter_model.safetensors"), "pt") as saved:
-            written = len(list(saved.keys()))
-        if written != len(state_dict):  # peft drops keys it does not recognise, silently
-            raise RuntimeError(f"adapter save wrote {written} of {len(state_dict)} tensors")
-    return Path(target)
+
+# ----------------------------------------------------------------------------- checkpoint directories
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_directory(output_dir: str | Path, step: int) -> Path:
+    return checkpoints_root(output_dir) / f"step-{step:06d}"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint directories that carry the marker, oldest first. Hidden (temporary) ones never count."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Delete what a crash left half-written (hidden directories under checkpoints/)."""
+    root = checkpoints_root(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file against the marker's checksums; returns the marker.
+
+    Raises:
+        CheckpointError: no marker (incomplete), a listed file missing, or a file whose bytes changed.
+    """
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER})")
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (json.JSONDecodeError, KeyError):
+        raise CheckpointError(f"{marker}: damaged marker file") from None
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file}: does not match its checksum (corrupted or replaced)")
+    return info
+
+
+def rotate(output_dir: str | Path, keep: int, protected: set[Path]) -> list[Path]:
+    """Keep the newest ``keep`` checkpoints, the best (lowest eval loss) and ``protected``; delete the rest."""
+    checkpoints = [p.resolve() for p in complete_checkpoints(output_dir)]
+    if keep <= 0 or len(checkpoints) <= keep:
+        return []
+    keepers = set(checkpoints[-keep:]) | ({p.resolve() for p in protected} & set(checkpoints))
+    scored = [(json.loads((p / "trainer_state.json").read_text()).get("eval_loss_at_save"), p) for p in checkpoints]
+    scored = [(loss, p) for loss, p in scored if loss is not None]
+    if scored:
+        keepers.add(min(scored, key=lambda item: item[0])[1])
+    removed = [p for p in checkpoints if p not in keepers]
+    for p in removed:
+        remove_directory(p)
+    return removed
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy states, torch/CUDA state tensors) of this process."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return plain, tensors
+
+
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

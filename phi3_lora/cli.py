@@ -11,10 +11,11 @@ import logging
 import os
 import sys
 
+from .checkpoint import EXIT_PREEMPTED, CheckpointError, Preempted
 from .config import ConfigError, help_text, load_config
 from .formats import DataError
 
-USER_ERRORS = (ConfigError, DataError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 EXIT_USER_ERROR = 2
 
 
@@ -34,7 +35,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_main(main, argv=None) -> None:
-    """Call ``main(argv)``; turn user errors into one line and exit status 2."""
+    """Call ``main(argv)``; turn user errors into one line and exit status 2, preemption into status 75."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -42,3 +43,6 @@ def run_main(main, argv=None) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)

@@ -41,6 +41,14 @@ DEMO_RECIPE = {
 }
 
 
+# Settings that may change between a checkpoint and its resumption: how long, how often, where.
+CHANGEABLE_ON_RESUME = {
+    "output_dir", "data.num_proc", "training.max_steps", "training.num_epochs", "training.logging_steps",
+    "training.eval_steps", "training.save_steps", "training.save_total_limit", "training.resume_from",
+    "training.preemption_signals", "training.per_device_eval_batch_size",
+}
+
+
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type, or impossible. The message names the key."""
 
@@ -135,6 +143,14 @@ class TrainingConfig:
     logging_steps: int = _field(10, "Log training scalars every N optimizer steps.", minimum=1)
     eval_steps: int = _field(100, "Evaluate every N optimizer steps (also before the first and at the end); "
                              "0 = only before and at the end.", minimum=0)
+    save_steps: int = _field(0, "Save a resumable checkpoint every N optimizer steps (and at the end); "
+                             "0 = only the final adapter.", minimum=0)
+    save_total_limit: int = _field(0, "Keep the newest N checkpoints plus the best by eval loss; 0 = keep all.",
+                                   minimum=0)
+    resume_from: str = _field("none", "auto = the newest complete checkpoint in output_dir (else start fresh), "
+                              "a checkpoint directory, or none.")
+    preemption_signals: list[str] = _field(["SIGTERM", "SIGUSR1"], "On these signals: finish the optimizer "
+                                           "step, save a checkpoint, exit with status 75 (requeue me).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward (non-reentrant).")
     mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, else no.",
                                   choices=("auto", "no", "bf16", "fp16"))
@@ -155,10 +171,18 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, sections: tuple[str, ...] = ("model", "data", "lora")) -> str:
-        """A short hash of the settings that must not change when a run is resumed."""
-        subset = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
-        return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that saved the checkpoint (dotted keys)."""
+        flat = {}
+        for key in all_keys():
+            if key not in CHANGEABLE_ON_RESUME:
+                section, _, name = key.rpartition(".")
+                flat[key] = getattr(getattr(self, section) if section else self, name)
+        return flat
+
+    def fingerprint(self) -> str:
+        """A short hash of ``resume_settings``."""
+        return hashlib.sha256(json.dumps(self.resume_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -318,6 +342,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if t.max_steps == 0:
         raise ConfigError("training.max_steps: must be positive, or -1 to derive it from num_epochs")
+    import signal
+    for name in t.preemption_signals:
+        if not name.startswith("SIG") or not hasattr(signal, name):
+            raise ConfigError(f"training.preemption_signals: unknown signal '{name}' (e.g. SIGTERM, SIGUSR1)")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: name at least one module (or all-linear)")
     m = cfg.model

@@ -15,19 +15,23 @@ and DDP/ZeRO average over processes; the scale below undoes both.)
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import time
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .checkpoint import adapter_state_dict, save_peft_adapter
-from .config import Config, ConfigError
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, load_config
 from .lora import attach_lora, parameter_counts
 from .metrics import RunLog, Throughput, write_summary
 from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
@@ -109,6 +113,29 @@ class Progress:
     supervised_tokens: int = 0
     last_train_loss: float | None = None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    window_loss_sum: float = 0.0  # token loss sum and supervised tokens since the last logged step
+    window_tokens: int = 0
+
+
+class PreemptionFlag:
+    """Remembers that one of ``names`` (SIGTERM, SIGUSR1...) arrived; the loop checks it after each step.
+
+    A second signal during the save only sets the flag again: the save finishes and stays intact.
+    """
+
+    def __init__(self, names: list[str]):
+        self.received: int | None = None
+        self.previous = {}
+        for name in names:
+            number = getattr(signal, name)
+            self.previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        self.received = number
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 class Trainer:
@@ -125,6 +152,8 @@ class Trainer:
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
         self.train_data, self.eval_data = data_lib.build_datasets(cfg.data, self.tokenizer, t.seed)
         self.collate = data_lib.Collator(self.tokenizer.pad_token_id)
+        self.out = Path(cfg.output_dir)
+        self.resume_dir = find_resume_checkpoint(cfg)
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_data), t.per_device_batch_size,
                                                         t.gradient_accumulation_steps, acc.num_processes)
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch)
@@ -133,6 +162,9 @@ class Trainer:
         if any(hasattr(p, "ds_id") for p in base.parameters()):
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=t.seed)
+        if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
+            adapter_file = self.resume_dir / "adapter" / "adapter_model.safetensors"
+            ckpt.load_adapter_state(model, ckpt.read_safetensors(adapter_file), str(adapter_file))
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.trainable_params, self.total_params = parameter_counts(model)
@@ -141,16 +173,23 @@ class Trainer:
         self.scheduler = self._make_scheduler(optimizer)
         fill_deepspeed_config(acc, cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
         set_seed(t.seed + acc.process_index)  # dropout differs per process, as it would per example
 
         self.progress = Progress()
-        self.out = Path(cfg.output_dir)
+        if self.resume_dir:
+            self._restore(self.resume_dir)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(cfg.to_yaml())
-        acc.init_trackers("tensorboard")
+            ckpt.remove_stale_temporaries(self.out)
+            trim_metrics(self.out / "metrics.jsonl", self.progress.step)
+        # purge_step: TensorBoard drops events an interrupted run wrote after its last checkpoint
+        purge = {"tensorboard": {"purge_step": self.progress.step + 1}} if self.resume_dir else {}
+        acc.init_trackers("tensorboard", init_kwargs=purge)
         self.log = RunLog(self.out, acc, enabled=acc.is_main_process)
+        if self.resume_dir:
+            acc.print(f"resumed from {self.resume_dir} at step {self.progress.step} "
+                      f"(epoch {self.progress.epoch}, {self.progress.step_in_epoch} steps into it)")
         acc.print(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
                   f"({100 * self.trainable_params / self.total_params:.3f}%) | train examples: "
                   f"{len(self.train_data):,} | steps: {self.total_steps} | processes: {acc.num_processes}")
@@ -166,38 +205,65 @@ class Trainer:
     # ------------------------------------------------------------------------- training
 
     def train(self) -> dict:
-        """Run to ``total_steps``, evaluating before the first step, every ``eval_steps`` and at the end."""
-        acc, t = self.accelerator, self.cfg.training
+        """Run to ``total_steps``: evaluate before the first step, every ``eval_steps`` and at the end;
+        checkpoint every ``save_steps``; on a preemption signal, checkpoint and raise ``Preempted``."""
+        acc, t, p = self.accelerator, self.cfg.training, self.progress
         start = time.perf_counter()
-        self.evaluate()
-        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc="training",
+        if not p.eval_losses:
+            self.evaluate()
+        bar = tqdm(total=self.total_steps, initial=p.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         window = Throughput()
-        window_loss = torch.zeros(2, dtype=torch.float64)  # (token loss sum, supervised tokens) since last log
-        while self.progress.step < self.total_steps:
-            for batches in self._batches_of_epoch():
-                loss_sum, n_tokens, n_all, grad_norm = self.train_step(batches)
-                self.progress.step += 1
-                self.progress.step_in_epoch += 1
-                self.progress.supervised_tokens += n_tokens
-                window.add(n_tokens, n_all)
-                window_loss += torch.tensor([loss_sum, n_tokens], dtype=torch.float64)
-                bar.update(1)
-                if self.progress.step % t.logging_steps == 0 or self.progress.step == self.total_steps:
-                    self._log_train(window, window_loss, grad_norm, bar)
-                    window.reset()
-                    window_loss.zero_()
-                if t.eval_steps and self.progress.step % t.eval_steps == 0 and self.progress.step < self.total_steps:
-                    self.evaluate()
-                if self.progress.step >= self.total_steps:
-                    break
-            else:
-                self.progress.epoch += 1
-                self.progress.step_in_epoch = 0
-        bar.close()
-        if not self.progress.eval_losses or self.progress.eval_losses[-1][0] != self.progress.step:
-            self.evaluate()
+        preemption = PreemptionFlag(t.preemption_signals)
+        try:
+            while p.step < self.total_steps:
+                for batches in self._batches_of_epoch():
+                    loss_sum, n_tokens, n_all, grad_norm = self.train_step(batches)
+                    p.step += 1
+                    p.step_in_epoch += 1
+                    p.supervised_tokens += n_tokens
+                    p.window_loss_sum += loss_sum
+                    p.window_tokens += n_tokens
+                    window.add(n_tokens, n_all)
+                    bar.update(1)
+                    if p.step % t.logging_steps == 0 or p.step == self.total_steps:
+                        self._log_train(window, grad_norm, bar)
+                    if t.eval_steps and p.step % t.eval_steps == 0 and p.step < self.total_steps:
+                        self.evaluate()
+                    if p.step_in_epoch == self.steps_per_epoch:
+                        p.epoch += 1
+                        p.step_in_epoch = 0
+                    if t.save_steps and p.step % t.save_steps == 0 and p.step < self.total_steps:
+                        self.save_checkpoint()
+                    if self._any_process_signalled(preemption):
+                        self._stop_for_preemption(preemption.received)
+                    if p.step >= self.total_steps:
+                        break
+            bar.close()
+            if not p.eval_losses or p.eval_losses[-1][0] != p.step:
+                self.evaluate()
+            if t.save_steps:
+                self.save_checkpoint()
+        finally:
+            preemption.restore()
         return self.finish(time.perf_counter() - start)
+
+    def _any_process_signalled(self, preemption: PreemptionFlag) -> bool:
+        """True on every process if any received a preemption signal (they must stop at the same step)."""
+        flag = torch.tensor([0 if preemption.received is None else preemption.received], device=self.accelerator.device)
+        received = int(self.accelerator.reduce(flag, "max"))
+        if received:
+            preemption.received = received
+        return bool(received)
+
+    def _stop_for_preemption(self, number: int) -> None:
+        last = ckpt.complete_checkpoints(self.out)
+        if not last or last[-1].name != ckpt.step_directory(self.out, self.progress.step).name:
+            self.save_checkpoint()
+        self.accelerator.end_training()
+        raise ckpt.Preempted(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: checkpoint "
+                        f"{ckpt.step_directory(self.out, self.progress.step)} saved; run again with "
+                        "training.resume_from=auto to continue")
 
     def _batches_of_epoch(self):
         """This process's micro-batches, one list per optimizer step, from the current data position."""
@@ -239,14 +305,16 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         return None if norm is None else float(norm)
 
-    def _log_train(self, window: Throughput, window_loss: torch.Tensor, grad_norm, bar) -> None:
-        loss = float(window_loss[0] / max(window_loss[1], 1))
-        self.progress.last_train_loss = loss
+    def _log_train(self, window: Throughput, grad_norm, bar) -> None:
+        p = self.progress
+        loss = p.window_loss_sum / max(p.window_tokens, 1)
+        p.last_train_loss, p.window_loss_sum, p.window_tokens = loss, 0.0, 0
         supervised_rate, total_rate = window.rates()
         lr = self.scheduler.get_last_lr()[0]
         self.log.train(self.progress.step, loss, lr, grad_norm, supervised_rate,
                        total_tokens_per_second=total_rate)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        window.reset()
 
     # ------------------------------------------------------------------------- evaluation
 
@@ -278,13 +346,76 @@ class Trainer:
         """Write ``output_dir/adapter`` (PEFT format) and the tokenizer; collective, main process writes."""
         acc = self.accelerator
         peft_model = acc.unwrap_model(self.model)
-        state = adapter_state_dict(peft_model)  # every process: a gather under ZeRO-3
+        state = ckpt.adapter_state_dict(peft_model)  # every process: a gather under ZeRO-3
         target = self.out / "adapter"
         if acc.is_main_process:
-            save_peft_adapter(peft_model, state, target)
+            ckpt.save_peft_adapter(peft_model, state, target)
             self.tokenizer.save_pretrained(self.out / "tokenizer")
         acc.wait_for_everyone()
         return target
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically. Every process calls it (gathers, DeepSpeed's save)."""
+        acc, p = self.accelerator, self.progress
+        target = ckpt.step_directory(self.out, p.step)
+        tmp = target.parent / f".{target.name}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        acc.wait_for_everyone()
+        peft_model = acc.unwrap_model(self.model)
+        state = ckpt.adapter_state_dict(peft_model)
+        if self.uses_deepspeed:  # each process writes its optimizer partition; frozen weights are left out
+            self.model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        plain, tensors = ckpt.rng_state()
+        (tmp / "rng" / f"rank-{acc.process_index}.json").write_text(json.dumps(plain))
+        save_file(tensors, str(tmp / "rng" / f"rank-{acc.process_index}.safetensors"))
+        if acc.is_main_process:
+            ckpt.write_peft_adapter(peft_model, state, tmp / "adapter")
+            if not self.uses_deepspeed:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+            last_eval = p.eval_losses[-1] if p.eval_losses else None
+            trainer_state = {**asdict(p), "num_processes": acc.num_processes, "fingerprint": self.cfg.fingerprint(),
+                             "eval_loss_at_save": last_eval[1] if last_eval and last_eval[0] == p.step else None}
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.commit_directory(tmp, target, manifest=True, extra={"step": p.step})
+            protected = {self.resume_dir} if self.resume_dir else set()
+            ckpt.rotate(self.out, self.cfg.training.save_total_limit, protected)
+        acc.wait_for_everyone()
+        return target
+
+    def _restore(self, path: Path) -> None:
+        """Optimizer, scheduler, this process's RNG and the data position from a verified checkpoint."""
+        acc = self.accelerator
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["num_processes"] != acc.num_processes:
+            raise ConfigError(f"{path} was saved by {state['num_processes']} processes, this run has "
+                              f"{acc.num_processes}: resume with the same number (the data order depends on it)")
+        if self.uses_deepspeed:
+            if not (path / "deepspeed").is_dir():
+                raise ckpt.CheckpointError(f"{path}: saved without DeepSpeed, cannot resume under DeepSpeed")
+            self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            if (path / "deepspeed").is_dir():
+                raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")
+            self.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt", map_location=acc.device))
+        self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
+        rng_json = path / "rng" / f"rank-{acc.process_index}.json"
+        if not rng_json.is_file():
+            raise ckpt.CheckpointError(f"{rng_json}: file not found")
+        ckpt.set_rng_state(json.loads(rng_json.read_text()),
+                           ckpt.read_safetensors(path / "rng" / f"rank-{acc.process_index}.safetensors"))
+        fields = {k: v for k, v in state.items() if k in Progress.__dataclass_fields__}
+        self.progress = Progress(**{**fields, "eval_losses": [tuple(e) for e in fields["eval_losses"]]})
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
 
     def finish(self, wall_time: float) -> dict:
         acc, p = self.accelerator, self.progress
@@ -313,6 +444,46 @@ class Trainer:
             f"  adapter:     {adapter}\n  summary:     {self.out / 'summary.json'}\n"
             f"  metrics:     {self.out / 'metrics.jsonl'}\n  tensorboard: tensorboard --logdir {self.out}")
         return summary
+
+
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint ``training.resume_from`` asks for, verified and checked against ``cfg``; or None.
+
+    Raises:
+        ConfigError: a fresh start into an output_dir that holds checkpoints, or settings that changed.
+        CheckpointError: the checkpoint is incomplete, damaged or missing files.
+    """
+    choice = cfg.training.resume_from
+    found = ckpt.complete_checkpoints(cfg.output_dir)
+    if choice == "none":
+        if found:
+            raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints (newest: {found[-1].name}); "
+                              "continue them with training.resume_from=auto, or choose another output_dir")
+        return None
+    if choice == "auto":
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(choice)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"training.resume_from: {path} is not a directory")
+    ckpt.verify_checkpoint(path)
+    saved = load_config(path / "config.yaml").resume_settings()
+    changed = [k for k, v in cfg.resume_settings().items() if saved.get(k) != v]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.resume_settings()[k]!r}" for k in changed[:4])
+        raise ConfigError(f"cannot resume {path}: settings changed since it was saved ({details}); "
+                          "only lengths, logging, evaluation and saving settings may change")
+    return path.resolve()
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines of steps after ``step`` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
 
 
 def _fmt(value: float | None) -> str:

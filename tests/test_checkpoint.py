@@ -1,0 +1,321 @@
+"""Checkpoints: exact resumption, checked strict=False loading, crash safety, rotation, safe loading."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TRAIN, accelerate_launch, load_adapter_tensors, read_metrics, run_script
+from phi3_lora import checkpoint as ckpt
+
+# 40 examples in steps of 4: an epoch is 10 steps, so 16 steps cross an epoch boundary.
+RUN = ["data.demo_size=40", "data.eval_size=0", "training.eval_steps=0",
+       "model.tiny_hidden_size=64", "data.max_seq_len=256", "training.max_steps=16", "training.learning_rate=2e-3",
+       "training.logging_steps=3"]
+
+
+def start(out, *overrides, launcher=None):
+    args = (launcher or [sys.executable]) + [str(TRAIN), f"output_dir={out}", *RUN, *overrides]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for_step(out: Path, step: int, proc, timeout=300):
+    """Block until metrics.jsonl shows ``step`` (logged every 3rd step, so the stop lands mid-window)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()[0][-3000:]}")
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step
+                                    for line in metrics.read_text().splitlines() if line.endswith("}")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def uninterrupted(tmp_path_factory, name, *overrides, launcher=None):
+    out = tmp_path_factory.mktemp(name)
+    code, log = finish(start(out, *overrides, launcher=launcher))
+    assert code == 0, log[-3000:]
+    return out
+
+
+def preempt_and_resume(out, stop_after, *overrides, launcher=None, sig=signal.SIGTERM):
+    proc = start(out, "training.save_steps=100", *overrides, launcher=launcher)
+    wait_for_step(out, stop_after, proc)
+    os.killpg(proc.pid, sig) if launcher is None else proc.send_signal(sig)
+    code, log = finish(proc)
+    assert "preempted: stopped by" in log, log[-3000:]
+    if launcher is None:
+        assert code == ckpt.EXIT_PREEMPTED
+    saved = ckpt.complete_checkpoints(out)
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= stop_after
+    code, log = finish(start(out, "training.save_steps=100", "training.resume_from=auto", *overrides,
+                             launcher=launcher))
+    assert code == 0, log[-3000:]
+    assert f"resumed from {saved[0]}" in log
+    return int(saved[0].name.split("-")[1])
+
+
+def assert_identical(reference, resumed, tol=0.0):
+    ref = [(m["step"], m["loss"]) for m in read_metrics(reference) if "loss" in m]
+    got = [(m["step"], m["loss"]) for m in read_metrics(resumed) if "loss" in m]
+    assert [s for s, _ in got] == [s for s, _ in ref]  # no duplicate or missing steps after the resume
+    for (step, a), (_, b) in zip(ref, got):
+        assert b == pytest.approx(a, rel=tol, abs=0 if tol == 0 else 1e-12), f"step {step}"
+    a, b = load_adapter_tensors(reference), load_adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        if tol == 0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(b[key], a[key], rtol=tol, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory, "reference", "lora.dropout=0.1")
+
+
+@pytest.mark.parametrize("stop_after", [6, 12])
+def test_exact_resume_single_process(reference, tmp_path, stop_after):
+    """SIGTERM after step 6 (first epoch) or 12 (second): the resumed run is bit-identical, dropout included."""
+    saved_at = preempt_and_resume(tmp_path, stop_after, "lora.dropout=0.1")
+    assert saved_at < 16
+    assert_identical(reference, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 16
+
+
+def test_tensorboard_continues_without_duplicate_steps(reference, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    preempt_and_resume(tmp_path, 6, "lora.dropout=0.1")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [3, 6, 9, 12, 15, 16]
+    values = {e.step: e.value for e in acc.Scalars("train/loss")}
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference) if "loss" in m}
+    assert values == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_exact_resume_deepspeed_two_processes(tmp_path_factory, tmp_path, stage):
+    launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / f"deepspeed_{stage}.yaml"))
+    common = ["training.per_device_batch_size=2", "lora.dropout=0"]
+    reference = uninterrupted(tmp_path_factory, f"ds_{stage}", *common, launcher=launcher)
+    preempt_and_resume(tmp_path, 6, *common, launcher=launcher)
+    assert_identical(reference, tmp_path, tol=1e-6)
+    assert json.loads((tmp_path / "summary.json").read_text())["num_processes"] == 2
+
+
+def test_crash_safety_under_sigkill(reference, tmp_path):
+    """Ten SIGKILLs at random moments, half of them while a checkpoint is being written; every time
+    resume_from=auto finds a complete checkpoint, and the final adapter equals an uninterrupted run's."""
+    rng = random.Random(0)
+    root = ckpt.checkpoints_root(tmp_path)
+    kills_during_save = 0
+    for attempt in range(10):
+        proc = start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
+                     "training.resume_from=auto")
+        if attempt % 2 == 0:  # kill as soon as a checkpoint is being written
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None:
+                if root.is_dir() and any(p.name.endswith(".tmp") for p in root.iterdir()):
+                    kills_during_save += 1
+                    break
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        for path in ckpt.complete_checkpoints(tmp_path):
+            ckpt.verify_checkpoint(path)  # every checkpoint that looks complete is complete
+    assert kills_during_save >= 3
+    code, log = finish(start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
+                             "training.resume_from=auto"))
+    assert code == 0, log[-3000:]
+    assert_identical(reference, tmp_path)
+
+
+# ----------------------------------------------------------------------------- strict=False, checked
+
+def tiny_peft(r=8, hidden=64, targets=("qkv_proj", "o_proj")):
+    from phi3_lora.config import load_config
+    from phi3_lora.lora import attach_lora
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, [f"lora.r={r}", f"model.tiny_hidden_size={hidden}",
+                             f"lora.target_modules=[{','.join(targets)}]"])
+    return attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=1)
+
+
+def saved_adapter(model):
+    return {k: v.clone() for k, v in ckpt.adapter_state_dict(model).items()}
+
+
+def randomised(state):
+    gen = torch.Generator().manual_seed(3)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "module.base_model.model."])
+def test_adapter_with_known_prefixes_loads_exactly(prefix):
+    source = randomised(saved_adapter(tiny_peft()))
+    # PEFT files drop "base_model.model." and the adapter name; DDP adds "module."
+    peft_style = {k.replace("base_model.model.", "").replace(".default", ""): v for k, v in source.items()}
+    state = {prefix + k: v for k, v in peft_style.items()}
+    target = tiny_peft()
+    missing_base = ckpt.load_adapter_state(target, state, "test.safetensors")
+    assert missing_base > 0  # the base weights are not in an adapter file, as expected
+    loaded = dict(target.named_parameters())
+    for key, value in source.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_rank_mismatch_names_both_ranks():
+    with pytest.raises(ckpt.CheckpointError, match=r"rank 8 in the file, the model has rank 16"):
+        ckpt.load_adapter_state(tiny_peft(r=16), saved_adapter(tiny_peft(r=8)), "r8.safetensors")
+
+
+def test_adapter_of_another_model_fails():
+    other = saved_adapter(tiny_peft(targets=("gate_up_proj", "down_proj")))
+    with pytest.raises(ckpt.CheckpointError, match=r"other.safetensors: .* keys match no parameter of this model"):
+        ckpt.load_adapter_state(tiny_peft(), other, "other.safetensors")
+
+
+def test_adapter_of_another_size_fails():
+    with pytest.raises(ckpt.CheckpointError, match=r"has shape .* the model expects"):
+        ckpt.load_adapter_state(tiny_peft(hidden=64), saved_adapter(tiny_peft(hidden=32)), "small.safetensors")
+
+
+def test_foreign_prefix_fails_instead_of_loading_nothing():
+    state = {"transformer.h." + k: v for k, v in saved_adapter(tiny_peft()).items()}
+    with pytest.raises(ckpt.CheckpointError, match="match no parameter of this model"):
+        ckpt.load_adapter_state(tiny_peft(), state, "foreign.safetensors")
+
+
+def test_partial_adapter_fails_on_missing_adapter_keys():
+    state = dict(list(saved_adapter(tiny_peft()).items())[:3])
+    with pytest.raises(ckpt.CheckpointError, match="adapter parameters of the model are not in the file"):
+        ckpt.load_adapter_state(tiny_peft(), state, "partial.safetensors")
+
+
+# ----------------------------------------------------------------------------- rotation
+
+def fake_checkpoint(output_dir, step, eval_loss):
+    path = ckpt.step_directory(output_dir, step)
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"eval_loss_at_save": eval_loss}))
+    (path / ckpt.MARKER).write_text(json.dumps({"files": {}}))
+    return path
+
+
+def test_rotation_keeps_newest_n_plus_best_and_protected(tmp_path):
+    losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 2.2, 6: None}
+    paths = {s: fake_checkpoint(tmp_path, s, loss) for s, loss in losses.items()}
+    removed = ckpt.rotate(tmp_path, keep=2, protected={paths[3]})
+    kept = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(tmp_path)]
+    assert kept == [2, 3, 5, 6]  # newest 2 (5, 6), best eval loss (2), the one resumed from (3)
+    assert sorted(int(p.name.split("-")[1]) for p in removed) == [1, 4]
+    assert not any(p.name.startswith(".") for p in ckpt.checkpoints_root(tmp_path).iterdir())
+
+
+def test_rotation_in_a_run_keeps_newest_plus_best(tmp_path):
+    code, log = finish(start(tmp_path, "training.save_steps=2", "training.save_total_limit=2", "data.eval_size=8",
+                             "training.eval_steps=2", "training.learning_rate=0.05"))  # lr so high eval loss wanders
+    assert code == 0, log[-3000:]
+    evals = {m["step"]: m["eval_loss"] for m in read_metrics(tmp_path) if "eval_loss" in m}
+    kept = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(tmp_path)]
+    saved_steps = list(range(2, 17, 2))
+    best = min(saved_steps, key=lambda s: evals[s])
+    assert kept == sorted({14, 16, best})
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture()
+def checkpointed_run(tmp_path):
+    code, log = finish(start(tmp_path, "training.save_steps=8", "training.max_steps=8"))
+    assert code == 0, log[-3000:]
+    return tmp_path, ckpt.complete_checkpoints(tmp_path)[-1]
+
+
+def resume_error(out):
+    proc = run_script([sys.executable, str(TRAIN), f"output_dir={out}", *RUN, "training.resume_from=auto",
+                       "training.save_steps=8"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def test_corrupted_safetensors_is_named(checkpointed_run):
+    out, path = checkpointed_run
+    file = path / "adapter" / "adapter_model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    assert resume_error(out) == f"error: {file}: does not match its checksum (corrupted or replaced)"
+
+
+def test_missing_optimizer_file_is_named(checkpointed_run):
+    out, path = checkpointed_run
+    (path / "optimizer.pt").unlink()
+    assert resume_error(out) == f"error: {path / 'optimizer.pt'}: missing from the checkpoint"
+
+
+def test_pickle_in_place_of_safetensors_never_runs(checkpointed_run, tmp_path_factory):
+    out, path = checkpointed_run
+    marker = tmp_path_factory.mktemp("exploit") / "pwned"
+    file = path / "adapter" / "adapter_model.safetensors"
+    file.write_bytes(pickle.dumps(Exploit(marker)))
+    assert resume_error(out) == f"error: {file}: does not match its checksum (corrupted or replaced)"
+    # even without the checksum guard, the loaders never unpickle it
+    with pytest.raises(ckpt.CheckpointError, match="not a valid safetensors file"):
+        ckpt.read_safetensors(file)
+    torch_file = path / "scheduler.pt"
+    torch_file.write_bytes(pickle.dumps(Exploit(marker)))
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read safely"):
+        ckpt.torch_load(torch_file)
+    assert not marker.exists()
+
+
+def test_fresh_start_into_a_checkpointed_dir_is_refused(checkpointed_run):
+    out, _ = checkpointed_run
+    proc = run_script([sys.executable, str(TRAIN), f"output_dir={out}", *RUN], check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "already holds checkpoints (newest: step-000008); continue them with training.resume_from=auto" \
+        in proc.stderr
+
+
+def test_changed_settings_are_named_on_resume(checkpointed_run):
+    out, _ = checkpointed_run
+    proc = run_script([sys.executable, str(TRAIN), f"output_dir={out}", *RUN, "training.resume_from=auto",
+                       "lora.r=4", "training.max_steps=20"], check=False, timeout=300)
+    assert proc.returncode == 2
+    assert "settings changed since it was saved (lora.r: 16 -> 4)" in proc.stderr
