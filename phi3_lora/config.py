@@ -99,6 +99,8 @@ class DataConfig:
     overlong: str = _field("truncate", "Examples longer than max_seq_len: truncate (keep the start) or drop.",
                            choices=("truncate", "drop"))
     train_on_prompt: bool = _field(False, "Supervise every token, not only the assistant turns.")
+    packing: bool = _field(False, "Pack several examples into each row of up to max_seq_len tokens (no padding, "
+                           "no cross-example attention); per_device_batch_size then counts rows.")
     chat_template: str = _field("tokenizer", "tokenizer = the tokenizer's own chat template; phi3 = the "
                                 "built-in Phi-3 template (renders system prompts).",
                                 choices=("tokenizer", "phi3"))

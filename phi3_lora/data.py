@@ -14,6 +14,7 @@ the same number of micro-batches.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -163,67 +164,151 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
     return train, evaluation
 
 
+# ----------------------------------------------------------------------------- packing
+
+def pack_best_fit_decreasing(lengths: list[int], capacity: int, kinds: list[int] | None = None) -> list[list[int]]:
+    """Rows of example indices whose lengths add up to at most ``capacity``, by best-fit decreasing.
+
+    Longest first, each into the fullest row it still fits (O(n log n)); as good as first-fit
+    decreasing or better, and within 22% of the fewest possible rows.
+    Examples of different ``kinds`` never share a row (LongRoPE: examples past the original context
+    and examples within it must not meet, see ``long_context_kinds``). Rows come out in a fixed
+    order, so packing is deterministic; the epoch plan shuffles them.
+    """
+    kinds = kinds or [0] * len(lengths)
+    rows: list[list[int]] = []
+    open_rows: dict[int, list[tuple[int, int]]] = {}  # kind -> sorted (free room, row index)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        free = open_rows.setdefault(kinds[i], [])
+        at = bisect.bisect_left(free, (lengths[i], -1))  # the fullest row that still fits (best fit)
+        if at < len(free):
+            room, r = free.pop(at)
+            rows[r].append(i)
+            bisect.insort(free, (room - lengths[i], r))
+        else:
+            rows.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(rows) - 1))
+    return rows
+
+
+def long_context_kinds(lengths: list[int], threshold: int | None) -> list[int] | None:
+    """1 for examples longer than ``threshold`` (LongRoPE's original context), else 0; None without one.
+
+    transformers picks LongRoPE's short or long factors from the largest position in the whole batch,
+    so one long example would switch every example it is batched with to the long factors. Keeping
+    the two kinds apart (in rows, micro-batches and optimizer steps) gives each example the factors
+    it would get alone.
+    """
+    if threshold is None:
+        return None
+    kinds = [int(n > threshold) for n in lengths]
+    return kinds if len(set(kinds)) > 1 else None
+
+
+class TrainItems:
+    """What an epoch plan indexes: single examples, or packed rows of several examples."""
+
+    def __init__(self, split: TokenizedSplit, max_seq_len: int, packing: bool, long_threshold: int | None):
+        self.dataset = split.dataset
+        lengths = [len(ids) for ids in self.dataset["input_ids"]]
+        example_kinds = long_context_kinds(lengths, long_threshold)
+        if packing:
+            self.rows = pack_best_fit_decreasing(lengths, max_seq_len, example_kinds)
+        else:
+            self.rows = [[i] for i in range(len(lengths))]
+        self.kinds = None if example_kinds is None else [example_kinds[row[0]] for row in self.rows]
+        self.packing_efficiency = sum(lengths) / (len(self.rows) * max_seq_len) if packing else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.dataset[j] for j in self.rows[i]]
+
+
 # ----------------------------------------------------------------------------- batching
 
-def plan_epoch(num_examples: int, epoch: int, seed: int, micro_batch_size: int, accumulation: int,
-               num_processes: int, process_index: int, shuffle: bool = True) -> list[list[list[int]]]:
+def plan_epoch(num_items: int, epoch: int, seed: int, micro_batch_size: int, accumulation: int,
+               num_processes: int, process_index: int, shuffle: bool = True,
+               kinds: list[int] | None = None) -> list[list[list[int]]]:
     """The micro-batches of one process for one epoch, grouped by optimizer step.
 
-    The epoch's examples are shuffled (seed + epoch, the same on every process) and cut into
-    optimizer steps of ``micro_batch_size * accumulation * num_processes`` examples. Within a step,
-    example k goes to slot k mod (accumulation * num_processes), slot = (micro-batch, process).
-    So every example is used exactly once per epoch; the last, smaller step spreads its remainder
-    evenly, and a slot it cannot fill is an empty micro-batch (it contributes no tokens to the loss),
-    so every process always runs ``accumulation`` micro-batches per step.
+    The epoch's items (examples, or packed rows) are shuffled (seed + epoch, the same on every
+    process) and cut into optimizer steps of ``micro_batch_size * accumulation * num_processes``
+    items. Within a step, item k goes to slot k mod (accumulation * num_processes), slot =
+    (micro-batch, process). So every item is used exactly once per epoch; the last, smaller step
+    spreads its remainder evenly, and a slot it cannot fill is an empty micro-batch (it contributes
+    no tokens to the loss), so every process always runs ``accumulation`` micro-batches per step.
+    With ``kinds`` (see ``long_context_kinds``) each kind is cut into its own steps, so no step mixes
+    kinds; the steps of all kinds are then shuffled together.
 
     Returns:
-        ``steps[s][j]`` = example indices of micro-batch j of optimizer step s on this process.
+        ``steps[s][j]`` = item indices of micro-batch j of optimizer step s on this process.
     """
-    if shuffle:
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    else:
-        order = list(range(num_examples))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist() if shuffle else list(range(num_items))
     per_step = micro_batch_size * accumulation * num_processes
+    if kinds is None:
+        chunks = [order[start:start + per_step] for start in range(0, num_items, per_step)]
+    else:
+        chunks = []
+        for kind in sorted(set(kinds)):
+            same = [i for i in order if kinds[i] == kind]
+            chunks += [same[start:start + per_step] for start in range(0, len(same), per_step)]
+        if shuffle:
+            chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
     slots = accumulation * num_processes
-    steps = []
-    for start in range(0, num_examples, per_step):
-        chunk = order[start:start + per_step]
-        micro_batches = []
-        for j in range(accumulation):
-            slot = j * num_processes + process_index
-            micro_batches.append(chunk[slot::slots])
-        steps.append(micro_batches)
-    return steps
+    return [[chunk[j * num_processes + process_index::slots] for j in range(accumulation)] for chunk in chunks]
 
 
-def steps_per_epoch(num_examples: int, micro_batch_size: int, accumulation: int, num_processes: int) -> int:
-    return math.ceil(num_examples / (micro_batch_size * accumulation * num_processes))
+def steps_per_epoch(num_items: int, micro_batch_size: int, accumulation: int, num_processes: int,
+                    kinds: list[int] | None = None) -> int:
+    per_step = micro_batch_size * accumulation * num_processes
+    sizes = [num_items] if kinds is None else [kinds.count(k) for k in set(kinds)]
+    return sum(math.ceil(n / per_step) for n in sizes)
 
 
 class Collator:
-    """Pads a list of tokenized examples into a batch; an empty list gives one all-ignored row."""
+    """Pads items into a batch. An item is a list of examples: one, or several packed into one row.
 
-    def __init__(self, pad_token_id: int):
+    Packed rows carry ``position_ids`` restarting at 0 for each example and no attention mask, so
+    transformers gives each example its own causal block (with ``use_cache=False``); the first
+    label of every example is ignored, so no example learns from the one before it. Unpacked
+    batches carry an attention mask instead. An empty item list gives one all-ignored row.
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool = False):
         self.pad_token_id = pad_token_id
+        self.packed = packed
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if not examples:
-            return {"input_ids": torch.full((1, 1), self.pad_token_id), "attention_mask": torch.ones(1, 1, dtype=torch.long),
-                    "labels": torch.full((1, 1), IGNORE_INDEX), "example_ids": torch.empty(0, dtype=torch.long)}
-        longest = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), longest), self.pad_token_id)
-        labels = torch.full((len(examples), longest), IGNORE_INDEX)
-        mask = torch.zeros((len(examples), longest), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            input_ids[row, :n] = torch.tensor(e["input_ids"])
-            labels[row, :n] = torch.tensor(e["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                "example_ids": torch.tensor([e["example_id"] for e in examples])}
+    def __call__(self, items: list[list[dict]]) -> dict[str, torch.Tensor]:
+        if not items:
+            items = [[{"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX], "example_id": -1}]]
+        rows = [self._row(examples) for examples in items]
+        longest = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX)
+        positions = torch.zeros((len(rows), longest), dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, (ids, labs, pos) in enumerate(rows):
+            n = len(ids)
+            input_ids[r, :n], labels[r, :n], positions[r, :n], mask[r, :n] = (
+                torch.tensor(ids), torch.tensor(labs), torch.tensor(pos), 1)
+            positions[r, n:] = torch.arange(longest - n)  # padding: a block of its own, never attended to
+        example_ids = [e["example_id"] for examples in items for e in examples if e["example_id"] >= 0]
+        batch = {"input_ids": input_ids, "labels": labels, "example_ids": torch.tensor(example_ids, dtype=torch.long),
+                 "num_tokens": torch.tensor(int(mask.sum()) if example_ids else 0)}
+        if self.packed:
+            batch["position_ids"] = positions
+        else:
+            batch["attention_mask"] = mask
+        return batch
 
-
-def micro_batches(dataset, plan: list[list[list[int]]], collate: Collator):
-    """Yield (step_index, [batch per micro-batch]) for a plan made by ``plan_epoch``."""
-    for s, step in enumerate(plan):
-        yield s, [collate([dataset[i] for i in idx]) if idx else collate([]) for idx in step]
+    @staticmethod
+    def _row(examples: list[dict]) -> tuple[list[int], list[int], list[int]]:
+        ids, labels, positions = [], [], []
+        for e in examples:
+            ids += e["input_ids"]
+            labels += [IGNORE_INDEX] + list(e["labels"][1:])
+            positions += range(len(e["input_ids"]))
+        return ids, labels, positions

@@ -81,9 +81,18 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
                           "set those entries to \"auto\"")
 
 
+def long_context_threshold(model_config) -> int | None:
+    """LongRoPE models switch rope factors past this many positions (see data.long_context_kinds)."""
+    rope = getattr(model_config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "longrope":
+        return None
+    return rope.get("original_max_position_embeddings") or model_config.original_max_position_embeddings
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum (not mean) of the next-token cross-entropies over the supervised tokens of ``batch``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
     shifted = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
                            ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
@@ -144,30 +153,23 @@ class Trainer:
     def __init__(self, cfg: Config):
         from accelerate.utils import set_seed
 
-        self.cfg = cfg
-        t = cfg.training
-        self.accelerator = make_accelerator(cfg)
-        acc = self.accelerator
+        self.cfg, t = cfg, cfg.training
+        self.accelerator = acc = make_accelerator(cfg)
+        self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
         self.train_data, self.eval_data = data_lib.build_datasets(cfg.data, self.tokenizer, t.seed)
-        self.collate = data_lib.Collator(self.tokenizer.pad_token_id)
-        self.out = Path(cfg.output_dir)
         self.resume_dir = find_resume_checkpoint(cfg)
-        self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_data), t.per_device_batch_size,
-                                                        t.gradient_accumulation_steps, acc.num_processes)
-        self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch)
 
-        base = load_model(cfg.model, self.tokenizer, seed=t.seed)
-        if any(hasattr(p, "ds_id") for p in base.parameters()):
-            acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
-        model = attach_lora(base, cfg.lora, seed=t.seed)
-        if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
-            adapter_file = self.resume_dir / "adapter" / "adapter_model.safetensors"
-            ckpt.load_adapter_state(model, ckpt.read_safetensors(adapter_file), str(adapter_file))
-        if t.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        self.trainable_params, self.total_params = parameter_counts(model)
+        model = self._build_model()
+        self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing,
+                                               long_context_threshold(acc.unwrap_model(model).config))
+        self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing)
+        self.eval_collate = data_lib.Collator(self.tokenizer.pad_token_id)
+        self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_items), t.per_device_batch_size,
+                                                        t.gradient_accumulation_steps, acc.num_processes,
+                                                        self.train_items.kinds)
+        self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch)
         optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.learning_rate,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
         self.scheduler = self._make_scheduler(optimizer)
@@ -178,21 +180,43 @@ class Trainer:
         self.progress = Progress()
         if self.resume_dir:
             self._restore(self.resume_dir)
+        self._open_outputs()
+
+    def _build_model(self):
+        """Base model, LoRA adapters (restored when resuming), gradient checkpointing."""
+        cfg, acc = self.cfg, self.accelerator
+        base = load_model(cfg.model, self.tokenizer, seed=cfg.training.seed)
+        if any(hasattr(p, "ds_id") for p in base.parameters()):
+            acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
+        model = attach_lora(base, cfg.lora, seed=cfg.training.seed)
+        if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
+            adapter_file = self.resume_dir / "adapter" / "adapter_model.safetensors"
+            ckpt.load_adapter_state(model, ckpt.read_safetensors(adapter_file), str(adapter_file))
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.trainable_params, self.total_params = parameter_counts(model)
+        return model
+
+    def _open_outputs(self) -> None:
+        """config.yaml, metrics.jsonl (trimmed to the resumed step), TensorBoard; the main process writes."""
+        acc, p = self.accelerator, self.progress
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            (self.out / "config.yaml").write_text(self.cfg.to_yaml())
             ckpt.remove_stale_temporaries(self.out)
-            trim_metrics(self.out / "metrics.jsonl", self.progress.step)
+            trim_metrics(self.out / "metrics.jsonl", p.step)
         # purge_step: TensorBoard drops events an interrupted run wrote after its last checkpoint
-        purge = {"tensorboard": {"purge_step": self.progress.step + 1}} if self.resume_dir else {}
+        purge = {"tensorboard": {"purge_step": p.step + 1}} if self.resume_dir else {}
         acc.init_trackers("tensorboard", init_kwargs=purge)
         self.log = RunLog(self.out, acc, enabled=acc.is_main_process)
         if self.resume_dir:
-            acc.print(f"resumed from {self.resume_dir} at step {self.progress.step} "
-                      f"(epoch {self.progress.epoch}, {self.progress.step_in_epoch} steps into it)")
+            acc.print(f"resumed from {self.resume_dir} at step {p.step} (epoch {p.epoch}, "
+                      f"{p.step_in_epoch} steps into it)")
+        packing = (f" packed into {len(self.train_items):,} rows ({100 * self.train_items.packing_efficiency:.1f}% "
+                   "full)" if self.cfg.data.packing else "")
         acc.print(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
                   f"({100 * self.trainable_params / self.total_params:.3f}%) | train examples: "
-                  f"{len(self.train_data):,} | steps: {self.total_steps} | processes: {acc.num_processes}")
+                  f"{len(self.train_data):,}{packing} | steps: {self.total_steps} | processes: {acc.num_processes}")
 
     def _make_scheduler(self, optimizer):
         from transformers import get_scheduler
@@ -268,10 +292,11 @@ class Trainer:
     def _batches_of_epoch(self):
         """This process's micro-batches, one list per optimizer step, from the current data position."""
         t, acc = self.cfg.training, self.accelerator
-        plan = data_lib.plan_epoch(len(self.train_data), self.progress.epoch, t.seed, t.per_device_batch_size,
-                                   t.gradient_accumulation_steps, acc.num_processes, acc.process_index)
+        plan = data_lib.plan_epoch(len(self.train_items), self.progress.epoch, t.seed, t.per_device_batch_size,
+                                   t.gradient_accumulation_steps, acc.num_processes, acc.process_index,
+                                   kinds=self.train_items.kinds)
         for step in plan[self.progress.step_in_epoch:]:
-            yield [self.collate([self.train_data.dataset[i] for i in idx]) for idx in step]
+            yield [self.collate([self.train_items[i] for i in idx]) for idx in step]
 
     def train_step(self, batches: list[dict]) -> tuple[float, int, int, float | None]:
         """One optimizer step over this process's micro-batches.
@@ -280,7 +305,7 @@ class Trainer:
         """
         acc = self.accelerator
         local = torch.tensor([sum(supervised_tokens(b) for b in batches),
-                              sum(int(b["attention_mask"].sum()) for b in batches if len(b["example_ids"]))],
+                              sum(int(b["num_tokens"]) for b in batches)],
                              device=acc.device)
         n_tokens, n_all = (int(v) for v in acc.reduce(local, "sum"))
         scale = acc.num_processes * self.cfg.training.gradient_accumulation_steps / max(n_tokens, 1)
@@ -329,7 +354,7 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
         for (idx,) in plan:
-            batch = self.collate([self.eval_data.dataset[i] for i in idx])
+            batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             totals[0] += token_loss_sum(self.model, batch).double()
             totals[1] += supervised_tokens(batch)
@@ -429,6 +454,7 @@ class Trainer:
             "wall_time_seconds": wall_time, "num_processes": acc.num_processes,
             "distributed_type": str(acc.distributed_type).split(".")[-1],
             "train_examples": len(self.train_data), "examples_truncated": self.train_data.truncated,
+            "packing_efficiency": self.train_items.packing_efficiency,
             "examples_dropped": self.train_data.dropped,
             "trainable_parameters": self.trainable_params, "total_parameters": self.total_params,
             "adapter": str(adapter.resolve()), "output_dir": str(self.out.resolve()),

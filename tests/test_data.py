@@ -165,16 +165,57 @@ def test_epoch_plans_differ_between_epochs_and_match_across_calls():
     assert a != plan_epoch(50, 1, 1, 4, 1, 1, 0)
 
 
+A = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "example_id": 4}
+B = {"input_ids": [5, 6], "labels": [5, 6], "example_id": 8}
+
+
 def test_collator_pads_and_masks():
-    batch = Collator(pad_token_id=9)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "example_id": 4},
-                                      {"input_ids": [5], "labels": [5], "example_id": 8}])
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 9, 9]]
-    assert batch["labels"].tolist() == [[-100, 2, 3], [5, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["example_ids"].tolist() == [4, 8]
+    batch = Collator(pad_token_id=9)([[A], [B]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 6, 9]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 6, -100]]  # position 0 is never a target
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert "position_ids" not in batch
+    assert batch["example_ids"].tolist() == [4, 8] and int(batch["num_tokens"]) == 5
     empty = Collator(9)([])
     assert (empty["labels"] == IGNORE_INDEX).all() and empty["example_ids"].numel() == 0
-    assert torch.equal(empty["input_ids"], torch.tensor([[9]]))
+    assert torch.equal(empty["input_ids"], torch.tensor([[9]])) and int(empty["num_tokens"]) == 0
+
+
+def test_packed_collator_restarts_positions_and_cuts_labels_between_examples():
+    batch = Collator(pad_token_id=9, packed=True)([[A, B], [B]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 6], [5, 6, 9, 9, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    # B's first token is not learned from A's last; padding is ignored
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 6], [-100, 6, -100, -100, -100]]
+    assert "attention_mask" not in batch and int(batch["num_tokens"]) == 7
+
+
+def test_best_fit_packing_fills_rows_and_keeps_kinds_apart():
+    from phi3_lora.data import long_context_kinds, pack_best_fit_decreasing
+    lengths = [7, 5, 4, 3, 3, 2, 1]
+    rows = pack_best_fit_decreasing(lengths, capacity=8)
+    assert sorted(i for row in rows for i in row) == list(range(7))
+    assert all(sum(lengths[i] for i in row) <= 8 for row in rows)
+    assert len(rows) == 4  # 25 tokens need at least ceil(25 / 8) = 4 rows
+    kinds = long_context_kinds([10, 2, 9, 3], threshold=8)
+    assert kinds == [1, 0, 1, 0]
+    rows = pack_best_fit_decreasing([10, 2, 9, 3], capacity=32, kinds=kinds)
+    assert sorted(map(sorted, rows)) == [[0, 2], [1, 3]]
+    assert long_context_kinds([1, 2], threshold=8) is None and long_context_kinds([1, 9], threshold=None) is None
+
+
+def test_epoch_plan_never_mixes_kinds_in_a_step():
+    kinds = [i % 3 == 0 for i in range(37)]
+    kinds = [int(k) for k in kinds]
+    for procs in (1, 2):
+        plans = [plan_epoch(37, 0, 1, 2, 2, procs, r, kinds=kinds) for r in range(procs)]
+        assert len({len(p) for p in plans}) == 1
+        for s in range(len(plans[0])):
+            step_items = [i for p in plans for micro in p[s] for i in micro]
+            assert len({kinds[i] for i in step_items}) == 1
+        assert sorted(i for p in plans for step in p for micro in step for i in micro) == list(range(37))
+        from phi3_lora.data import steps_per_epoch
+        assert len(plans[0]) == steps_per_epoch(37, 2, 2, procs, kinds)
 
 
 def test_inspect_data_marks_spans_and_writes_jsonl(tmp_path):

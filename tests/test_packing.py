@@ -1,0 +1,110 @@
+"""Packing is exact: packed rows give every example the same loss and gradients as unpacked batches.
+
+And the LongRoPE guard: a long example batched with short ones would switch them all to the long
+rope factors; the plan never lets the two kinds meet.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phi3_lora.config import load_config
+from phi3_lora.data import IGNORE_INDEX, Collator, TrainItems, build_datasets, use_chat_template
+from phi3_lora.lora import attach_lora
+from phi3_lora.loop import long_context_threshold, token_loss_sum
+from phi3_lora.model import load_model, load_tokenizer
+
+
+def setup(*overrides):
+    cfg = load_config(None, ["data.demo_size=40", "data.eval_size=0", "lora.dropout=0", "model.tiny_hidden_size=64",
+                             "data.max_seq_len=400", *overrides])
+    tokenizer = load_tokenizer(cfg.model)
+    use_chat_template(tokenizer, cfg.data.chat_template)
+    train, _ = build_datasets(cfg.data, tokenizer, seed=0)
+    model = attach_lora(load_model(cfg.model, tokenizer, seed=0), cfg.lora, seed=0)
+    with torch.no_grad():  # non-zero B so that every adapter weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return cfg, tokenizer, train, model
+
+
+def per_example_losses(model, batch, rows):
+    """Token cross-entropy sums per example id. ``rows`` lists the example ids of each row, in order;
+    in a packed row an example starts where position_ids return to 0."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits.float()
+    token_losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                   ignore_index=IGNORE_INDEX, reduction="none")
+    positions = batch.get("position_ids", torch.arange(batch["input_ids"].size(1)).expand_as(batch["input_ids"]))
+    segment = (positions == 0).cumsum(1)[:, 1:] - 1  # which example of its row each target token belongs to
+    return {example: token_losses[r][segment[r] == k].sum()
+            for r, ids in enumerate(rows) for k, example in enumerate(ids)}
+
+
+def test_packed_and_unpacked_give_the_same_per_example_losses_and_gradients():
+    cfg, tokenizer, train, model = setup()
+    items = TrainItems(train, max_seq_len=400, packing=True, long_threshold=None)
+    rows = items.rows[:3]
+    assert min(len(row) for row in rows) > 1  # rows really hold several examples
+    packed_batch = Collator(tokenizer.pad_token_id, packed=True)([items[r] for r in range(3)])
+    unpacked_batch = Collator(tokenizer.pad_token_id)([[train.dataset[i]] for row in rows for i in row])
+
+    packed = per_example_losses(model, packed_batch, rows)
+    unpacked = per_example_losses(model, unpacked_batch, [[i] for row in rows for i in row])
+    assert packed.keys() == unpacked.keys() and len(packed) >= 4
+    for i in packed:
+        torch.testing.assert_close(packed[i], unpacked[i], rtol=1e-5, atol=1e-5, msg=f"example {i}")
+
+    grads = []
+    for batch in (packed_batch, unpacked_batch):
+        model.zero_grad()
+        token_loss_sum(model, batch).backward()  # the loop's own loss function
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, packed_grad in grads[0].items():
+        # relative to the tensor's scale: the losses are sums over ~4000 tokens, so the gradients are large
+        error = float((packed_grad - grads[1][name]).abs().max() / grads[1][name].abs().max())
+        assert error < 1e-5, f"{name}: relative difference {error:.2e}"
+
+
+def test_packing_is_not_isolated_with_a_cache():
+    """Why the loop passes use_cache=False: with a cache, transformers does not split packed rows."""
+    cfg, tokenizer, train, model = setup()
+    items = TrainItems(train, max_seq_len=400, packing=True, long_threshold=None)
+    row = next(r for r in items.rows if len(r) > 1)
+    batch = Collator(tokenizer.pad_token_id, packed=True)([[train.dataset[i] for i in row]])
+    with torch.no_grad():
+        isolated = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
+    first = len(train.dataset[row[0]]["input_ids"])
+    torch.testing.assert_close(isolated[:, :first], leaky[:, :first])  # the first example is the same
+    assert (isolated[:, first:] - leaky[:, first:]).abs().max() > 1e-3  # later ones saw the first
+
+
+def test_longrope_one_long_example_changes_a_short_ones_loss_unless_kept_apart():
+    cfg, tokenizer, train, model = setup("model.tiny_rope=longrope", "data.max_seq_len=2048")
+    threshold = long_context_threshold(model.config)
+    assert threshold == 1024  # the tiny LongRoPE model's original context (4096 / 4)
+    short = train.dataset[0]
+    long_ids = (short["input_ids"] * (threshold // len(short["input_ids"]) + 2))[:threshold + 50]
+    long = {"input_ids": long_ids, "labels": [IGNORE_INDEX] * len(long_ids), "example_id": 999}
+    collate = Collator(tokenizer.pad_token_id, packed=True)
+    with torch.no_grad():
+        alone = per_example_losses(model, collate([[short]]), [[0]])[0]
+        mixed = per_example_losses(model, collate([[short], [long]]), [[0], [1]])[0]
+    assert abs(float(alone - mixed)) > 1e-4  # the trap: the long row flipped the short one's factors
+    # the guard: TrainItems gives the kinds to the plan, which never puts them in one step
+    lengths = [len(x) for x in train.dataset["input_ids"]]
+    fake = type("Split", (), {"dataset": [*[train.dataset[i] for i in range(len(lengths))], long]})()
+    fake.dataset = _ListDataset(fake.dataset)
+    items = TrainItems(fake, max_seq_len=2048, packing=True, long_threshold=threshold)
+    assert items.kinds is not None
+    assert all(len({items.kinds[r] for r in [i]}) == 1 for i in range(len(items)))
+    assert sum(items.kinds) == 1 and items.rows[items.kinds.index(1)] == [len(lengths)]
+
+
+class _ListDataset(list):
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return [row[key] for row in self]
+        return list.__getitem__(self, key)
