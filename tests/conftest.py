@@ -65,3 +65,6 @@ def accelerate_launch(num_processes: int, *extra: str) -> list[str]:
 def load_adapter_tensors(output_dir: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (a real two-node SLURM cluster, session fixture)
