@@ -14,6 +14,7 @@ they are missing. The ``slurm_cluster`` fixture skips, with the reason, when tha
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -61,6 +62,12 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def _die_with_parent() -> None:
+    """In a daemon about to start: get SIGTERM if pytest dies without stopping the cluster (Linux prctl)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class SlurmCluster:
@@ -152,7 +159,7 @@ PartitionName={PARTITION} Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE S
     def _spawn(self, name: str, command: list[str]) -> None:
         log = (self.root / "log" / f"{name}.stdout").open("w")
         self.procs[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

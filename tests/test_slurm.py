@@ -73,7 +73,7 @@ def test_topology_and_command_on_gpu_nodes(nodelist, node_id, gpus, main_host):
     topo = launch.topology_from_env(slurm_env(nodelist, node_id, job_id="123456"), cuda_devices=gpus)
     command = launch.accelerate_command(topo, "scripts/train.py", ["--config", "r.yaml", "lora.r=8"],
                                         config_file="accelerate_configs/multi_node_zero3.yaml", python="py")
-    assert command[:3] == ["py", "-m", "accelerate.commands.launch"]
+    assert command[:2] == ["py", str(SLURM / "accelerate_agent.py")]
     assert flag(command, "--config_file") == "accelerate_configs/multi_node_zero3.yaml"
     assert flag(command, "--num_machines") == str(nodes)
     assert flag(command, "--num_processes") == str(nodes * gpus)
@@ -100,6 +100,13 @@ def test_cpu_nodes_run_one_ddp_process_each():
     assert "--multi_gpu" not in launch.accelerate_command(single, "scripts/train.py", [])
 
 
+def test_cpu_threads_share_the_task_cores():
+    assert launch.omp_threads({"SLURM_CPUS_PER_TASK": "32"}, procs_per_node=8) == 4
+    assert launch.omp_threads({"SLURM_CPUS_PER_TASK": "4"}, procs_per_node=8) == 1
+    assert launch.omp_threads({"SLURM_CPUS_PER_TASK": "32", "OMP_NUM_THREADS": "2"}, procs_per_node=8) is None
+    assert launch.omp_threads({}, procs_per_node=8) is None
+
+
 def test_port_is_fixed_by_the_job_and_in_range():
     ports = {launch.job_port(job_id) for job_id in range(0, 100000, 7)}
     assert min(ports) >= 20000 and max(ports) < 30000
@@ -122,11 +129,12 @@ def test_bad_environments_are_named(env, message):
 
 
 def test_launcher_prints_and_dry_runs(tmp_path):
-    env = {**os.environ, **slurm_env("n[1-2]", 1, job_id="7")}
+    env = {**os.environ, **slurm_env("n[1-2]", 1, job_id="7", SLURM_CPUS_PER_TASK="2")}
+    env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run([sys.executable, str(SLURM / "launch.py"), "--dry_run", "scripts/train.py", "lora.r=4"],
                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "node 1 of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all, main process n1:20007" in proc.stdout
+    assert "node 1 of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all, main process n1:20007, OMP_NUM_THREADS=2" in proc.stdout
     assert "--machine_rank 1 --main_process_ip n1 --main_process_port 20007 scripts/train.py lora.r=4" in proc.stdout
     env.pop("SLURM_NODEID")
     proc = subprocess.run([sys.executable, str(SLURM / "launch.py"), "scripts/train.py"], env=env,
@@ -154,8 +162,8 @@ def wait_for_files(paths, proc, timeout=120):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_launcher_forwards_signals_to_the_training_processes(tmp_path, sig):
-    """Only the launcher is signalled (as under a process-group-only proctrack); both workers get it,
-    the torchrun agent survives SIGUSR1, and the preempted run's status comes out as 75."""
+    """Only the launcher is signalled (as under a process-group-only proctrack): both workers get it,
+    and the preempted run's status comes out as 75."""
     proc = start_local_launch(tmp_path)
     wait_for_files([tmp_path / f"started.rank{r}.attempt0" for r in (0, 1)], proc)
     proc.send_signal(sig)
@@ -201,7 +209,8 @@ def test_multinode_sbatch_trains_one_process_per_node(slurm_cluster, tmp_path):
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     port = 20000 + job_id % 10000
     for node in (0, 1):  # srun --label prefixes each task's lines with its number
-        assert f"{node}: launch: node {node} of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all" in log
+        assert f"{node}: launch: node {node} of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all, " \
+               "main process n1:" in log
         assert f"--machine_rank {node} --main_process_ip n1 --main_process_port {port}" in log
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["num_processes"], summary["distributed_type"], summary["steps"]) == (2, "MULTI_CPU", 8)
@@ -217,6 +226,25 @@ def test_multinode_sbatch_trains_one_process_per_node(slurm_cluster, tmp_path):
     for key, value in saved.items():
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
     assert all(value.abs().sum() > 0 for key, value in saved.items() if "lora_B" in key)  # it trained
+
+
+def test_single_node_sbatch_files_launch_their_accelerate_config(slurm_cluster, tmp_path):
+    """train_single_node (DDP) and qlora_single_gpu (one process): their headers are accepted and each
+    starts its launch type; here on one CPU node each, with the stand-in worker, both jobs at once."""
+    jobs = {}
+    for sbatch_file, config in [("train_single_node.sbatch", "accelerate_configs/multi_gpu_ddp.yaml"),
+                                ("qlora_single_gpu.sbatch", "accelerate_configs/single_gpu.yaml")]:
+        out = tmp_path / sbatch_file
+        env = {"TRAIN_SCRIPT": str(WORKER), "WORKER_EXIT": "0", "ACCELERATE_CONFIG": ""}  # "": the file's own
+        jobs[sbatch_file] = (submit(slurm_cluster, tmp_path, sbatch_file, f"output_dir={out}", nodes=1, wait=False,
+                                    env=env), config, out)
+    for sbatch_file, (job_id, config, out) in jobs.items():
+        info = slurm_cluster.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+        log = (tmp_path / f"slurm-{job_id}.out").read_text()
+        assert (info["JobState"], info["ExitCode"], info["NumNodes"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+        assert "0: launch: node 0 of 1 (" in log and "1 CPU (gloo) process(es) per node, 1 in all" in log
+        assert f"--config_file {config} --num_machines 1 --num_processes 1 --machine_rank 0" in log
+        assert (out / "started.rank0.attempt0").exists()
 
 
 def test_signalled_job_is_requeued_and_finishes(slurm_cluster, tmp_path):

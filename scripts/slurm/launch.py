@@ -12,11 +12,12 @@ Show the command without running it: ``--dry_run``.
 
 Preemption: SLURM signals a job before its time runs out (``--signal=USR1@120``), and on a preemption
 or ``scancel`` it sends SIGTERM. The training processes must see the signal so that they finish their
-step, save a checkpoint and exit with status 75 ("preempted, requeue me"). accelerate launch's torchrun
-agent would die of a SIGUSR1 (it has no handler for it) and starts its workers in sessions of their
-own, so a signal to this task's process group never reaches them. So the agent is started with
-SIGUSR1 ignored, and a SIGUSR1 or SIGTERM that reaches this launcher is passed on to the workers (the
-agent's children) directly. This launcher exits 75 when its run was signalled and did not finish
+step, save a checkpoint and exit with status 75 ("preempted, requeue me"). SLURM delivers a step's
+signals to all of its processes (proctrack/cgroup and linuxproc); accelerate launch runs here through
+accelerate_agent.py, whose torchrun agent survives SIGUSR1. Where only this task would be signalled,
+torchrun's workers, which run in sessions of their own, would not be: so a SIGUSR1 or SIGTERM that
+reaches this launcher is also passed on to them directly (the loop's handler only sets a flag, a
+second delivery is harmless). This launcher exits 75 when its run was signalled and did not finish
 cleanly, or the run itself exited 75 (torchrun reports any failed worker as status 1).
 """
 
@@ -37,6 +38,7 @@ from pathlib import Path
 EX_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint is saved, requeue the job
 PORT_BASE, PORT_SPAN = 20000, 10000
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+AGENT = Path(__file__).resolve().with_name("accelerate_agent.py")
 
 
 class LaunchError(ValueError):
@@ -168,12 +170,12 @@ def topology_from_env(env: Mapping[str, str], cuda_devices: int, gpus_per_node: 
 
 def accelerate_command(topo: Topology, script: str, script_args: list[str], config_file: str | None = None,
                        python: str = sys.executable) -> list[str]:
-    """The ``accelerate launch`` command line that starts this node's processes.
+    """The ``accelerate launch`` command line (through accelerate_agent.py) that starts this node's processes.
 
     With a config file the launch type (DDP, DeepSpeed) comes from it; without one, several processes
     are a DDP launch (``--multi_gpu``; on the CPU the training script runs it over gloo).
     """
-    command = [python, "-m", "accelerate.commands.launch"]
+    command = [python, str(AGENT)]
     if config_file:
         command += ["--config_file", config_file]
     else:
@@ -184,6 +186,18 @@ def accelerate_command(topo: Topology, script: str, script_args: list[str], conf
                 "--machine_rank", str(topo.machine_rank), "--main_process_ip", topo.main_host,
                 "--main_process_port", str(topo.port), script, *script_args]
     return command
+
+
+def omp_threads(env: Mapping[str, str], procs_per_node: int) -> int | None:
+    """CPU threads per process: this task's cores (SLURM_CPUS_PER_TASK) shared by its processes.
+
+    None when OMP_NUM_THREADS is already set, or SLURM gives no CPU count (torchrun then sets 1 per
+    process when there are several, which starves data work on a node with many cores).
+    """
+    cpus = _int_env(env, "SLURM_CPUS_PER_TASK")
+    if "OMP_NUM_THREADS" in env or not cpus:
+        return None
+    return max(1, cpus // procs_per_node)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -199,7 +213,8 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def run_forwarding_signals(command: list[str], poll_seconds: float = 0.2) -> int:
+def run_forwarding_signals(command: list[str], env: Mapping[str, str] | None = None,
+                           poll_seconds: float = 0.2) -> int:
     """Run ``command``; pass a SIGUSR1/SIGTERM received here on to its children, the training processes.
 
     Returns:
@@ -209,7 +224,7 @@ def run_forwarding_signals(command: list[str], poll_seconds: float = 0.2) -> int
     received: list[int] = []
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    child = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    child = subprocess.Popen(command, env=env)
     forwarded = 0
     while child.poll() is None:
         if forwarded < len(received):
@@ -263,14 +278,18 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     command = accelerate_command(topo, args.script, args.script_args, args.config_file)
+    env = dict(os.environ)
+    threads = omp_threads(env, topo.procs_per_node)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     device = "GPU" if topo.on_gpu else "CPU (gloo)"
     print(f"launch: node {topo.machine_rank} of {topo.num_machines} ({', '.join(topo.hosts)}), "
           f"{topo.procs_per_node} {device} process(es) per node, {topo.num_processes} in all, "
-          f"main process {topo.main_host}:{topo.port}\n"
+          f"main process {topo.main_host}:{topo.port}, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}\n"
           f"launch: {shlex.join(command)}", flush=True)
     if args.dry_run:
         return 0
-    return run_forwarding_signals(command)
+    return run_forwarding_signals(command, env)
 
 
 if __name__ == "__main__":
