@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real two-node SLURM cluster)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHI3_LORA_SHARED", ROOT.parent / "shared"))
@@ -65,6 +66,3 @@ def accelerate_launch(num_processes: int, *extra: str) -> list[str]:
 def load_adapter_tensors(output_dir: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))
-
-
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (a real two-node SLURM cluster, session fixture)
