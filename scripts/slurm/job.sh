@@ -28,7 +28,7 @@ srun --ntasks-per-node=1 --ntasks="${SLURM_NNODES}" --label "${PYTHON:-python3}"
   "${TRAIN_SCRIPT:-scripts/train.py}" "${resume[@]}" "$@"
 status=$?
 if [ "$status" -eq "$EX_PREEMPTED" ]; then
-  echo "job ${SLURM_JOB_ID}: preempted, checkpoint saved; requeueing at $(date -Is)"
+  echo "job ${SLURM_JOB_ID}: preempted (status 75), requeueing at $(date -Is); it resumes from its newest checkpoint"
   scontrol requeue "${SLURM_JOB_ID}"
 fi
 exit "$status"
