@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real two-node SLURM cluster)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHI3_LORA_SHARED", ROOT.parent / "shared"))
