@@ -428,7 +428,7 @@ class Trainer:
         else:
             if (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")
-            self.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt", map_location=acc.device))
+            self.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt"))  # moved to the params
         self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"
         if not rng_json.is_file():
