@@ -33,7 +33,8 @@ from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config
 from .lora import attach_lora, parameter_counts
-from .metrics import RunLog, Throughput, write_summary
+from .metrics import (RunLog, Throughput, mfu, peak_flops, peak_memory_gb, train_flops_per_token,
+                      write_summary)
 from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
 
 
@@ -170,6 +171,9 @@ class Trainer:
                                                         t.gradient_accumulation_steps, acc.num_processes,
                                                         self.train_items.kinds)
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch)
+        mean_length = sum(len(x) for x in self.train_data.dataset["input_ids"]) / len(self.train_data)
+        self.flops_per_token = train_flops_per_token(acc.unwrap_model(model).config, mean_length,
+                                                     self.trainable_params)
         optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.learning_rate,
                                       betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
         self.scheduler = self._make_scheduler(optimizer)
@@ -241,14 +245,16 @@ class Trainer:
         preemption = PreemptionFlag(t.preemption_signals)
         try:
             while p.step < self.total_steps:
+                data_clock = time.perf_counter()
                 for batches in self._batches_of_epoch():
+                    data_seconds = time.perf_counter() - data_clock
                     loss_sum, n_tokens, n_all, grad_norm = self.train_step(batches)
                     p.step += 1
                     p.step_in_epoch += 1
                     p.supervised_tokens += n_tokens
                     p.window_loss_sum += loss_sum
                     p.window_tokens += n_tokens
-                    window.add(n_tokens, n_all)
+                    window.add(n_tokens, n_all, {"data": data_seconds, **self.last_step_seconds})
                     bar.update(1)
                     if p.step % t.logging_steps == 0 or p.step == self.total_steps:
                         self._log_train(window, grad_norm, bar)
@@ -263,6 +269,7 @@ class Trainer:
                         self._stop_for_preemption(preemption.received)
                     if p.step >= self.total_steps:
                         break
+                    data_clock = time.perf_counter()
             bar.close()
             if not p.eval_losses or p.eval_losses[-1][0] != p.step:
                 self.evaluate()
@@ -312,17 +319,21 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
+        clock = _StepClock()
         for batch in batches:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.accumulate(self.model):
                 loss = token_loss_sum(self.model, batch)
-                acc.backward(loss * scale)
+                acc.backward(loss * scale)  # under DeepSpeed this also steps the optimizer on the last one
                 loss_sum += loss.detach()
                 if acc.sync_gradients:
+                    clock.lap("forward_backward")
                     grad_norm = self._clip_gradients()
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    clock.lap("optimizer")
+        self.last_step_seconds = clock.seconds
         return float(acc.reduce(loss_sum, "sum")), n_tokens, n_all, grad_norm
 
     def _clip_gradients(self) -> float | None:
@@ -336,8 +347,10 @@ class Trainer:
         p.last_train_loss, p.window_loss_sum, p.window_tokens = loss, 0.0, 0
         supervised_rate, total_rate = window.rates()
         lr = self.scheduler.get_last_lr()[0]
-        self.log.train(self.progress.step, loss, lr, grad_norm, supervised_rate,
-                       total_tokens_per_second=total_rate)
+        utilisation = mfu(total_rate, self.flops_per_token, peak_flops(self._device_name()), self.accelerator.num_processes)
+        extra = {"mfu": utilisation} if utilisation is not None else {}
+        self.log.train(self.progress.step, loss, lr, grad_norm, supervised_rate, total_tokens_per_second=total_rate,
+                       peak_memory_gb=peak_memory_gb(), **window.step_time_parts(), **extra)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         window.reset()
 
@@ -438,6 +451,9 @@ class Trainer:
         fields = {k: v for k, v in state.items() if k in Progress.__dataclass_fields__}
         self.progress = Progress(**{**fields, "eval_losses": [tuple(e) for e in fields["eval_losses"]]})
 
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
     @property
     def uses_deepspeed(self) -> bool:
         return self.accelerator.state.deepspeed_plugin is not None
@@ -510,6 +526,21 @@ def trim_metrics(path: Path, step: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in lines))
+
+
+class _StepClock:
+    """Seconds spent in the named parts of one optimizer step (CUDA is synchronised at each lap)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
+        self.last = now
 
 
 def _fmt(value: float | None) -> str:

@@ -42,16 +42,25 @@ class RunLog:
 
 
 class Throughput:
-    """Counts tokens between log events and turns them into tokens per second."""
+    """Counts tokens and step-time parts (data wait, forward+backward, optimizer) between log events."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.supervised = 0
         self.total = 0
+        self.seconds = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
+        self.steps = 0
 
-    def add(self, supervised: int, total: int) -> None:
+    def add(self, supervised: int, total: int, seconds: dict[str, float]) -> None:
         self.supervised += supervised
         self.total += total
+        self.steps += 1
+        for part, value in seconds.items():
+            self.seconds[part] += value
+
+    def step_time_parts(self) -> dict[str, float]:
+        """Mean seconds per optimizer step spent in each part since the last reset."""
+        return {f"step_{part}_seconds": value / max(self.steps, 1) for part, value in self.seconds.items()}
 
     def rates(self) -> tuple[float, float]:
         """(supervised tokens/s, all tokens/s) since the last reset."""
@@ -66,3 +75,58 @@ def write_summary(output_dir: str | Path, summary: dict) -> Path:
     path = Path(output_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+# Dense bf16 peak of one device, FLOP/s, for MFU; devices not listed get no MFU figure.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def matmul_parameters(config) -> int:
+    """Weights that take part in matrix multiplies: every projection of every layer and the LM head."""
+    d, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    qkv = d * (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    per_layer = qkv + config.num_attention_heads * head_dim * d + d * 2 * inter + inter * d
+    return layers * per_layer + d * config.vocab_size
+
+
+def train_flops_per_token(config, sequence_length: float, adapter_parameters: int) -> float:
+    """FLOPs of one trained token with a frozen base and trainable adapters (no recomputation counted).
+
+    * frozen matmuls: 2 N forward + 2 N backward (gradients of the activations only; the frozen
+      weights get none) = 4 N, with N = ``matmul_parameters``;
+    * adapters: 2 forward + 4 backward (activations and weights) = 6 N_adapter;
+    * attention scores and values (QK^T and AV): 2 matmuls x 2 d FLOPs per position, over s/2
+      positions on average under the causal mask = 2 s d forward per layer, 3x with backward =
+      6 s d L.
+    Activation checkpointing recomputes the forward; like MFU everywhere, that is not counted.
+    """
+    attention = 6 * sequence_length * config.hidden_size * config.num_hidden_layers
+    return 4 * matmul_parameters(config) + 6 * adapter_parameters + attention
+
+
+def peak_flops(device_name: str) -> float | None:
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name in device_name:
+            return flops
+    return None
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices, or None without a peak."""
+    if not peak:
+        return None
+    return tokens_per_second * flops_per_token / (peak * devices)
+
+
+def peak_memory_gb() -> float:
+    """Peak CUDA memory allocated by this process (GB), or its peak resident memory on the CPU."""
+    import resource
+
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
