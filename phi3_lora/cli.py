@@ -11,10 +11,11 @@ import logging
 import os
 import sys
 
+from .adapter_state import AdapterStateError
 from .config import ConfigError, help_text, load_config
 from .formats import DataError
 
-USER_ERRORS = (ConfigError, DataError)
+USER_ERRORS = (ConfigError, DataError, AdapterStateError)
 EXIT_USER_ERROR = 2
 
 

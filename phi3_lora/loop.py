@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .checkpoint import adapter_state_dict, save_peft_adapter
+from .checkpoint import adapter_state_dict
 from .config import Config, ConfigError
-from .lora import attach_lora, parameter_counts
+from .lora import attach_lora, parameter_counts, save_adapter
 from .metrics import RunLog, Throughput, write_summary
 from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
 
@@ -281,7 +281,7 @@ class Trainer:
         state = adapter_state_dict(peft_model)  # every process: a gather under ZeRO-3
         target = self.out / "adapter"
         if acc.is_main_process:
-            save_peft_adapter(peft_model, state, target)
+            save_adapter(peft_model, state, target)
             self.tokenizer.save_pretrained(self.out / "tokenizer")
         acc.wait_for_everyone()
         return target
