@@ -25,7 +25,7 @@ GQA_QV = ["lora.backend=loralib", ALL_TARGETS, "model.tiny_kv_heads=2", "lora.qk
 def gqa_run(tmp_path_factory):
     """A real run through scripts/train.py: the same loop and saving path as peft."""
     out = tmp_path_factory.mktemp("loralib_gqa")
-    train(out, *GQA_QV, "training.max_steps=16", "training.learning_rate=3e-3")
+    train(out, *GQA_QV, "training.max_steps=16", "training.learning_rate=3e-3", env={"OMP_NUM_THREADS": "1"})
     return out
 
 
