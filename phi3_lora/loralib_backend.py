@@ -119,6 +119,9 @@ def _merged(module: nn.Linear, sizes: list[int], enable: list[bool], cfg: LoraCo
 def attach_loralib(model, cfg: LoraConfig, seed: int):
     """Replace the targeted modules of ``model`` by loralib layers (adapters drawn from ``seed``), in place,
     and mark only the adapters (and biases as ``lora.bias`` says) trainable. Returns ``model``."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ConfigError("lora.backend=loralib: the base was loaded partitioned (DeepSpeed ZeRO-3), and loralib "
+                          "layers are built from whole weights; use ZeRO-2 or DDP, or the peft backend")
     targets = _targets(cfg)
     found = {t: [] for t in targets}
     for name, module in model.named_modules():
