@@ -37,7 +37,6 @@ from .checkpoint import atomic_directory
 from .config import PHI3_TARGET_MODULES, ConfigError, LoraConfig
 
 STATE_FILE = "loralib_adapter.safetensors"
-FUSED = ("qkv_proj", "gate_up_proj")
 
 
 class UnevenMergedLinear(loralib.MergedLinear):
