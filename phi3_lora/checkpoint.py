@@ -96,11 +96,14 @@ def write_peft_adapter(peft_model, state_dict: dict[str, torch.Tensor], director
 _ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
-def normalise_adapter_key(key: str, adapter_name: str = "default") -> str:
-    """Map a key saved by DDP, DeepSpeed, torch.compile or peft to the peft model's parameter name."""
+def normalise_adapter_key(key: str, adapter_name: str = "default", peft: bool = True) -> str:
+    """Map a key saved by DDP, DeepSpeed, torch.compile or peft to the model's parameter name
+    (``peft``: the model is a peft model, whose names carry ``base_model.model.`` and the adapter name)."""
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
             key = key[len(prefix):]
+    if not peft:
+        return key
     if not key.startswith("base_model.model."):
         key = "base_model.model." + key
     parts = key.split(".")
@@ -130,7 +133,8 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> in
     """
     params = dict(model.named_parameters())
     adapter = {name for name, p in params.items() if p.requires_grad}
-    renamed = {normalise_adapter_key(k): v for k, v in state.items()}
+    is_peft = any(name.startswith("base_model.model.") for name in params)
+    renamed = {normalise_adapter_key(k, peft=is_peft): v for k, v in state.items()}
     unexpected = sorted(set(renamed) - set(params))
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} of {len(renamed)} keys match no parameter of this "

@@ -110,7 +110,8 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    backend: str = _field("peft", "LoRA implementation.", choices=("peft",))
+    backend: str = _field("peft", "LoRA implementation: peft, or loralib (the cookbook's lora.Linear / "
+                          "lora.MergedLinear / lora.Embedding layers).", choices=("peft", "loralib"))
     r: int = _field(16, "LoRA rank.", minimum=1)
     alpha: float = _field(32.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).",
                           minimum=0, exclusive_minimum=True)
@@ -122,6 +123,8 @@ class LoraConfig:
     use_dora: bool = _field(False, "Weight-decomposed LoRA (DoRA).")
     init: str = _field("default", "Adapter init: default (B = 0, Kaiming A), gaussian, pissa, olora.",
                        choices=("default", "gaussian", "pissa", "olora"))
+    qkv_enable: list[bool] = _field([True, True, True], "loralib backend: adapt the q, k, v parts of the fused "
+                                    "qkv_proj (e.g. [true,false,true] = q and v only).")
 
 
 @dataclass
@@ -234,10 +237,14 @@ def _coerce(key: str, value: Any) -> Any:
             return None
         raise ConfigError(f"{key}: must not be empty")
     if typing.get_origin(declared) is list:
+        item = typing.get_args(declared)[0]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+            if item is bool:
+                value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{key}: expected a list of {'true/false values' if item is bool else 'strings'}, "
+                              f"got {value!r}")
         return value
     if declared is bool:
         if not isinstance(value, bool):
@@ -350,11 +357,25 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"training.preemption_signals: unknown signal '{name}' (e.g. SIGTERM, SIGUSR1)")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: name at least one module (or all-linear)")
+    _validate_lora_backend(cfg.lora)
     m = cfg.model
     if m.tiny_hidden_size % m.tiny_heads or m.tiny_heads % m.tiny_kv_heads:
         raise ConfigError("model.tiny_*: hidden size must divide by heads, and heads by kv heads")
     if not str(cfg.output_dir).strip():
         raise ConfigError("output_dir: must not be empty")
+
+
+def _validate_lora_backend(lora: LoraConfig) -> None:
+    if len(lora.qkv_enable) != 3 or not any(lora.qkv_enable):
+        raise ConfigError(f"lora.qkv_enable: expected three true/false values for q, k, v, at least one true, "
+                          f"got {lora.qkv_enable}")
+    if lora.backend == "peft" and not all(lora.qkv_enable):
+        raise ConfigError("lora.qkv_enable: adapting only some of q, k, v needs lora.backend=loralib")
+    if lora.backend == "loralib":
+        for key, unsupported in (("use_dora", lora.use_dora), ("use_rslora", lora.use_rslora),
+                                 ("init", lora.init != "default")):
+            if unsupported:
+                raise ConfigError(f"lora.{key}: not available with lora.backend=loralib (use the peft backend)")
 
 
 def help_text() -> str:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config
-from .lora import attach_lora, parameter_counts
+from .lora import attach_lora, load_adapter_dir, parameter_counts, save_adapter, write_adapter
 from .metrics import (RunLog, Throughput, mfu, peak_flops, peak_memory_gb, train_flops_per_token,
                       write_summary)
 from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
@@ -194,8 +194,7 @@ class Trainer:
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=cfg.training.seed)
         if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
-            adapter_file = self.resume_dir / "adapter" / "adapter_model.safetensors"
-            ckpt.load_adapter_state(model, ckpt.read_safetensors(adapter_file), str(adapter_file))
+            load_adapter_dir(model, self.resume_dir / "adapter")
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.trainable_params, self.total_params = parameter_counts(model)
@@ -387,7 +386,7 @@ class Trainer:
         state = ckpt.adapter_state_dict(peft_model)  # every process: a gather under ZeRO-3
         target = self.out / "adapter"
         if acc.is_main_process:
-            ckpt.save_peft_adapter(peft_model, state, target)
+            save_adapter(peft_model, state, target)
             self.tokenizer.save_pretrained(self.out / "tokenizer")
         acc.wait_for_everyone()
         return target
@@ -409,7 +408,7 @@ class Trainer:
         (tmp / "rng" / f"rank-{acc.process_index}.json").write_text(json.dumps(plain))
         save_file(tensors, str(tmp / "rng" / f"rank-{acc.process_index}.safetensors"))
         if acc.is_main_process:
-            ckpt.write_peft_adapter(peft_model, state, tmp / "adapter")
+            write_adapter(peft_model, state, tmp / "adapter")
             if not self.uses_deepspeed:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")

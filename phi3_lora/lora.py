@@ -4,6 +4,10 @@ Phi-3 fuses its projections, so the default targets are ``qkv_proj, o_proj, gate
 down_proj``; peft has no Phi-3 default. A requested target that matches no module is an error,
 not a silent skip (the cookbook's own notebook asks for ``q_proj, k_proj, v_proj`` that Phi-3
 does not have). Only adapter parameters train.
+
+Two backends sit behind ``attach_lora`` and ``save_adapter``: peft (the default) and the
+cookbook's loralib (``lora.backend=loralib``, see ``loralib_backend.py``); the loop does not
+care which.
 """
 
 from __future__ import annotations
@@ -41,13 +45,51 @@ def peft_config(cfg: LoraConfig):
 
 
 def attach_lora(model, cfg: LoraConfig, seed: int):
-    """Wrap ``model`` in a peft model with fresh adapters drawn from ``seed``; the base is frozen."""
+    """Add fresh adapters drawn from ``seed`` to ``model`` (a peft model, or the model itself with
+    loralib layers in place); the base is frozen."""
     from peft import get_peft_model
 
+    if cfg.backend == "loralib":
+        from .loralib_backend import attach_loralib
+        return attach_loralib(model, cfg, seed)
     check_targets(model, cfg.target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, peft_config(cfg))
+
+
+def save_adapter(model, state_dict: dict[str, torch.Tensor], target) -> None:
+    """Write the adapter of the unwrapped ``model`` (state gathered by ``checkpoint.adapter_state_dict``)
+    to ``target`` atomically: PEFT format, plus the loralib state for a loralib model."""
+    from .checkpoint import atomic_directory
+
+    with atomic_directory(target) as tmp:
+        write_adapter(model, state_dict, tmp)
+
+
+def write_adapter(model, state_dict: dict[str, torch.Tensor], directory) -> None:
+    """``save_adapter`` into ``directory`` (one being assembled, e.g. inside a checkpoint)."""
+    from pathlib import Path
+
+    from .checkpoint import write_peft_adapter
+    from .loralib_backend import is_loralib_model, write_loralib_adapter
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    if is_loralib_model(model):
+        write_loralib_adapter(model, state_dict, directory)
+    else:
+        write_peft_adapter(model, state_dict, directory)
+
+
+def load_adapter_dir(model, directory) -> None:
+    """Load a saved adapter directory into ``model`` with the checked ``strict=False`` loader."""
+    from pathlib import Path
+
+    from .checkpoint import load_adapter_state, read_safetensors
+    from .loralib_backend import STATE_FILE, is_loralib_model
+
+    path = Path(directory) / (STATE_FILE if is_loralib_model(model) else "adapter_model.safetensors")
+    load_adapter_state(model, read_safetensors(path), str(path))
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -319,3 +319,12 @@ def test_changed_settings_are_named_on_resume(checkpointed_run):
                        "lora.r=4", "training.max_steps=20"], check=False, timeout=300)
     assert proc.returncode == 2
     assert "settings changed since it was saved (lora.r: 16 -> 4)" in proc.stderr
+
+
+def test_exact_resume_loralib_backend(tmp_path_factory, tmp_path):
+    """The cookbook's loralib backend resumes exactly too (q,v-only MergedLinear, lora_state_dict files)."""
+    loralib = ["lora.backend=loralib", "lora.qkv_enable=[true,false,true]", "lora.dropout=0.1"]
+    reference = uninterrupted(tmp_path_factory, "loralib_reference", *loralib)
+    preempt_and_resume(tmp_path, 6, *loralib)
+    assert_identical(reference, tmp_path)
+    assert (tmp_path / "adapter" / "loralib_adapter.safetensors").is_file()

@@ -1,0 +1,92 @@
+"""Load a trained run for use after training: the base model, its tokenizer and the adapter.
+
+Evaluation, chat and merging need the exact base the adapter was trained on. For a hub or
+local model that is its name; for ``tiny-random-phi3`` it is rebuilt from the run's settings
+(``model.*`` and the seed in ``training.seed``), which is why the run's ``config.yaml`` is read:
+from ``--config``, else from next to the adapter (``OUTPUT_DIR/adapter`` → ``OUTPUT_DIR/config.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .config import Config, ConfigError, all_keys, load_config
+from .loop import supervised_tokens, token_loss_sum
+from .model import load_model, load_tokenizer
+
+QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit")
+
+
+def run_config(config: str | None, overrides: list[str], adapter: str | None = None,
+               model: str | None = None) -> Config:
+    """The settings to rebuild a run with: ``config``, else the run's config.yaml beside ``adapter``,
+    else the embedded demo recipe; then ``overrides``; ``model`` (a path or hub id) replaces ``model.name_or_path``."""
+    if config is None and adapter is not None and (Path(adapter).parent / "config.yaml").is_file():
+        config = str(Path(adapter).parent / "config.yaml")
+    extra = [f"model.name_or_path={model}"] if model else []
+    return load_config(config, [*overrides, *extra])
+
+
+def quantization_override(load_in_4bit: bool) -> list[str]:
+    """The override that asks ``load_model`` for a 4-bit base, if this build can load one."""
+    if not load_in_4bit:
+        return []
+    if "model.load_in_4bit" not in all_keys():
+        raise ConfigError("--load_in_4bit: this build has no 4-bit loading (model.load_in_4bit, the QLoRA "
+                          "issue); load the base unquantized")
+    return ["model.load_in_4bit=true"]
+
+
+def unquantized(cfg: Config) -> bool:
+    """Switch off 4/8-bit loading in ``cfg``; True when it was on (a QLoRA run)."""
+    was = False
+    for key in QUANTIZATION_KEYS:
+        name = key.split(".", 1)[1]
+        if key in all_keys() and getattr(cfg.model, name):
+            setattr(cfg.model, name, False)
+            was = True
+    return was
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (expected OUTPUT_DIR/adapter "
+                          "of a training run, in PEFT format)")
+    return path
+
+
+def load_tokenizer_for(cfg: Config):
+    tokenizer = load_tokenizer(cfg.model)
+    data_lib.use_chat_template(tokenizer, cfg.data.chat_template)
+    return tokenizer
+
+
+def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None):
+    """The base model of ``cfg`` in eval mode, with the PEFT adapter at ``adapter`` on top if given."""
+    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed)
+    model.eval()
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter)))
+        model.eval()
+    return model
+
+
+@torch.no_grad()
+def dataset_loss(model, split: data_lib.TokenizedSplit, pad_token_id: int, batch_size: int,
+                 desc: str = "eval loss") -> tuple[float, int]:
+    """Token-weighted loss over ``split`` (the loop's own loss function) and the supervised token count."""
+    collate = data_lib.Collator(pad_token_id)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in tqdm(range(0, len(split), batch_size), desc=desc, dynamic_ncols=True):
+        batch = collate([[split.dataset[i]] for i in range(start, min(start + batch_size, len(split)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        total += float(token_loss_sum(model, batch).double())
+        tokens += supervised_tokens(batch)
+    return total / max(tokens, 1), tokens

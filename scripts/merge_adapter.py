@@ -1,0 +1,94 @@
+"""Merge a LoRA adapter into its base model and save a standalone model (safetensors shards).
+
+    python scripts/merge_adapter.py --model microsoft/Phi-3-mini-4k-instruct --adapter outputs/run/adapter \\
+        --out merged/phi3-mini-tuned [--dtype bfloat16] [--max_shard_size 5GB]
+    # the tiny demo model: its seeded base is rebuilt from the run's config.yaml (found beside the adapter)
+    python scripts/merge_adapter.py --adapter outputs/demo/adapter --out merged/demo --dtype float32
+
+The output loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` alone (no peft), with the
+tokenizer and a generation config whose eos ids stop on <|end|>, <|endoftext|> and <|assistant|>.
+A QLoRA adapter is merged onto the unquantized base (merging into 4-bit weights would round
+the update away). Before saving, the merged model's logits are compared with base + adapter on
+a few prompts and the largest difference is printed; --max_logit_diff makes it a hard check.
+One process, on the CPU or the first GPU.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from phi3_lora.checkpoint import atomic_directory  # noqa: E402
+from phi3_lora.cli import config_parser, run_main  # noqa: E402
+from phi3_lora.config import ConfigError  # noqa: E402
+from phi3_lora.generate import encode_prompts, stop_token_ids  # noqa: E402
+from phi3_lora.inference import load_for_inference, load_tokenizer_for, run_config, unquantized  # noqa: E402
+
+CHECK_PROMPTS = [
+    [{"role": "user", "content": "What is 12 plus 30?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Spell 'river' backwards."}, {"role": "assistant", "content": "'revir'."},
+     {"role": "user", "content": "And 'stone'?"}],
+]
+
+
+def parse_args(argv):
+    parser = config_parser(__doc__, epilog_keys=False)
+    parser.add_argument("--model", help="base model (hub id or directory); default: the run's model.name_or_path")
+    parser.add_argument("--adapter", required=True, help="PEFT adapter directory (OUTPUT_DIR/adapter)")
+    parser.add_argument("--out", required=True, help="directory for the merged model (must not exist, or --overwrite)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the merged weights (the merge is done in this dtype)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB")
+    parser.add_argument("--max_logit_diff", type=float, help="fail if merged and base+adapter logits differ more")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def logits_on(model, inputs) -> torch.Tensor:
+    logits = model(**inputs).logits.float()
+    return logits[inputs["attention_mask"].bool()]  # padding positions carry no meaning
+
+
+def main(argv=None):
+    from transformers import GenerationConfig
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    cfg = run_config(args.config, [*args.overrides, f"model.dtype={args.dtype}"], adapter=args.adapter,
+                     model=args.model)
+    if unquantized(cfg):
+        print("QLoRA adapter: merging onto the unquantized base (model.load_in_4bit/8bit switched off)")
+    tokenizer = load_tokenizer_for(cfg)
+    model = load_for_inference(cfg, tokenizer, args.adapter)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    inputs = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, CHECK_PROMPTS).items()}
+    tuned = logits_on(model, inputs)
+    merged = model.merge_and_unload()
+    diff = float((logits_on(merged, inputs) - tuned).abs().max())
+    print(f"largest |logit| difference, merged vs base+adapter, on {len(CHECK_PROMPTS)} prompts: {diff:.3g} "
+          f"({args.dtype})")
+    if args.max_logit_diff is not None and diff > args.max_logit_diff:
+        raise SystemExit(f"error: merged logits differ by {diff:.3g} > --max_logit_diff {args.max_logit_diff}; "
+                         "nothing written")
+
+    merged.config.use_cache = True  # training switched the cache off; serving wants it
+    stop_ids = stop_token_ids(tokenizer)
+    merged.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids,
+                                                pad_token_id=tokenizer.pad_token_id)
+    with atomic_directory(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    print(f"merged model: {out} ({len(shards)} safetensors shard(s), {args.dtype}), stops on ids {stop_ids}\n"
+          f"  load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    run_main(main)

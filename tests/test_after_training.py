@@ -1,0 +1,195 @@
+"""After training: evaluate.py, generation, merge_adapter.py and chat.py on a trained tiny demo run."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED, run_script, train
+from phi3_lora.formats import DataError
+from phi3_lora.generate import GenerationSettings, generate_answers, read_prompts, score, stop_token_ids
+from phi3_lora.inference import load_for_inference, load_tokenizer_for, run_config
+
+EVALUATE, MERGE, CHAT = (str(ROOT / "scripts" / name) for name in ("evaluate.py", "merge_adapter.py", "chat.py"))
+MAX_NEW = 96  # the demo answers are under 45 tokens: an answer this long ran away
+# one thread per subprocess: on a small shared CPU, two OpenMP threads per process contend and run ~10x slower
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+PROMPTS = [
+    {"id": "add", "messages": [{"role": "user", "content": "What is 21 plus 13?"},
+                               {"role": "assistant", "content": "21 plus 13 is 34."}]},
+    {"id": "hello", "messages": [{"role": "system", "content": "Answer briefly."},
+                                 {"role": "user", "content": "Hello, I am Grace."}]},
+    {"question_id": 81, "turns": ["How many letters are in 'tiger'?", "Write it in capitals."],
+     "reference": ["'tiger' has 5 letters.", "In capitals: TIGER."]},
+    {"question_id": 82, "turns": ["What is 40 plus 11?", "And twice that?"]},
+]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The same for the generation done here, in the test process; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The demo task, trained long enough (200 steps, ~25 s) to answer in the demo's phrasing and stop."""
+    out = tmp_path_factory.mktemp("trained")
+    train(out, "training.max_steps=200", "training.learning_rate=2e-3", "training.warmup_steps=20",
+          "training.per_device_batch_size=8", "data.demo_size=400", "training.logging_steps=50",
+          "model.tiny_hidden_size=128", env=ONE_THREAD)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    cfg = run_config(None, [], adapter=str(run / "adapter"))
+    tokenizer = load_tokenizer_for(cfg)
+    return cfg, tokenizer, load_for_inference(cfg, tokenizer, run / "adapter")
+
+
+def test_stop_ids_come_from_the_tokenizer(loaded):
+    _, tokenizer, _ = loaded
+    expected = sorted(tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>", "<|assistant|>"))
+    assert stop_token_ids(tokenizer) == expected
+
+
+def test_stop_ids_of_the_real_phi3_tokenizer(phi3_tokenizer):
+    assert stop_token_ids(phi3_tokenizer) == [32000, 32001, 32007]  # Phi-3's generation_config.json
+
+
+def test_evaluate_loss_and_generations(run):
+    out_dir = run / "evaluation"
+    proc = run_script([sys.executable, EVALUATE, "--config", str(run / "config.yaml"), "--adapter",
+                       str(run / "adapter"), "--prompts", str(run / "prompts.jsonl"), "--compare_base",
+                       "--max_new_tokens", str(MAX_NEW), "--batch_size", "3", "--out_dir", str(out_dir)], env=ONE_THREAD)
+    results = json.loads((out_dir / "results.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    # the same held-out split and loss as the training loop's: its step-0 and final evaluations
+    assert results["base_eval_loss"] == pytest.approx(summary["first_eval_loss"], rel=1e-5)
+    assert results["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    assert results["eval_loss"] < results["base_eval_loss"] - 1.0
+    assert results["eval_perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-5)
+
+    records = [json.loads(line) for line in (out_dir / "generations.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["turn"]) for r in records] == [("add", 1), ("hello", 1), ("81", 1), ("81", 2),
+                                                        ("82", 1), ("82", 2)]
+    assert [r["prompt"] for r in records][2:4] == PROMPTS[2]["turns"]
+    for r in records:  # the trained model ends its answers itself
+        assert r["stopped"] and 0 < r["new_tokens"] < MAX_NEW and r["answer"], r
+        assert "base_answer" in r
+    assert records[0]["reference"] == "21 plus 13 is 34." and records[3]["reference"] == "In capitals: TIGER."
+    assert "reference" not in records[1]
+    for r in (r for r in records if "reference" in r):
+        assert (r["exact_match"], r["contains"]) == tuple(score(r["answer"], r["reference"]).values())
+    assert results["answers"] == 6 and results["stopped"] == 6
+    assert re.search(r"^id\s+turn\s+answer\s+base_answer\s+exact_match\s+contains\s+stopped$", proc.stdout, re.M)
+
+
+def test_multi_turn_feeds_back_the_models_own_answer(run, loaded):
+    """Turn 2 of an MT-bench prompt = a one-off answer to [turn 1, the model's answer 1, turn 2]."""
+    _, tokenizer, model = loaded
+    records = [json.loads(line) for line in (run / "evaluation" / "generations.jsonl").read_text().splitlines()]
+    first, second = [r for r in records if r["id"] == "82"]
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    conversation = [{"role": "user", "content": first["prompt"]}, {"role": "assistant", "content": first["answer"]},
+                    {"role": "user", "content": second["prompt"]}]
+    assert generate_answers(model, tokenizer, [conversation], settings)[0].text == second["answer"]
+
+
+def test_left_padded_batch_equals_one_by_one(run, loaded):
+    _, tokenizer, model = loaded
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("Hi", "Spell 'candle' backwards.", "What is 33 plus 48? And then, what is twice that?")]
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    batched = generate_answers(model, tokenizer, conversations, settings)
+    single = [generate_answers(model, tokenizer, [c], settings)[0] for c in conversations]
+    assert [a.text for a in batched] == [a.text for a in single]  # prompts of 5 to 45 tokens: real left padding
+
+
+def test_bad_prompts_file_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PROMPTS[0]) + "\n" + json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
+    with pytest.raises(DataError, match=f"^{bad} line 2: 'turns' must be a non-empty list of strings$"):
+        read_prompts(bad)
+    bad.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(DataError, match="line 1: expected 'messages' or 'turns' \\(MT-bench\\)"):
+        read_prompts(bad)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                            {"role": "assistant", "content": "c"}, {"role": "assistant", "content": "d"}]}))
+    with pytest.raises(DataError, match="must end with a user message"):
+        read_prompts(bad)
+
+
+def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, tokenizer, model = loaded
+    out = tmp_path / "merged"
+    proc = run_script([sys.executable, MERGE, "--adapter", str(run / "adapter"), "--out", str(out),
+                       "--dtype", "float32", "--max_shard_size", "200KB", "--max_logit_diff", "1e-4"], env=ONE_THREAD)
+    printed = float(re.search(r"largest \|logit\| difference.*: (\S+) \(float32\)", proc.stdout).group(1))
+    assert printed < 1e-4
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # no peft, no phi3_lora
+    assert type(merged).__name__ == "Phi3ForCausalLM" and merged.dtype == torch.float32
+    assert sorted(merged.generation_config.eos_token_id) == stop_token_ids(tokenizer)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(str(out))
+    ids = reloaded_tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}],
+                                                 add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected = model(input_ids=ids["input_ids"]).logits
+        assert (merged(input_ids=ids["input_ids"]).logits - expected).abs().max() < 1e-4
+        with model.disable_adapter():
+            assert (model(input_ids=ids["input_ids"]).logits - expected).abs().max() > 1e-2
+
+
+def test_chat_two_turns_reset_and_exit(run, loaded):
+    _, tokenizer, model = loaded
+    turns = ["What is 12 plus 30?", "And twice that?", "Hello, I am Alan."]
+    script = f"{turns[0]}\n{turns[1]}\n/reset\n{turns[2]}\n/exit\nnever read\n"
+    proc = subprocess.run([sys.executable, CHAT, "--adapter", str(run / "adapter"), "--max_new_tokens", str(MAX_NEW)],
+                          input=script, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [line.split("assistant> ", 1)[1].strip() for line in proc.stdout.splitlines() if "assistant> " in line]
+    assert len(answers) == 3 and proc.stdout.rstrip().endswith("bye")
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    history = []
+    expected = []
+    for i, text in enumerate(turns):
+        if i == 2:
+            history = []  # /reset
+        history.append({"role": "user", "content": text})
+        answer = generate_answers(model, tokenizer, [history], settings)[0]
+        history.append({"role": "assistant", "content": answer.text})
+        expected.append(answer.text)
+    assert answers == expected  # streamed text = the answer, and turn 2 saw turn 1
+
+
+def test_4bit_flag_needs_the_quantized_loader():
+    from phi3_lora.config import ConfigError, all_keys
+    from phi3_lora.inference import quantization_override
+
+    if "model.load_in_4bit" in all_keys():
+        assert quantization_override(True) == ["model.load_in_4bit=true"]
+    else:  # the QLoRA issue adds model.load_in_4bit; until then the flag says so
+        with pytest.raises(ConfigError, match="--load_in_4bit: this build has no 4-bit loading"):
+            quantization_override(True)
+    assert quantization_override(False) == []
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "mt_bench_questions.jsonl").is_file(), reason="../shared data absent")
+def test_mt_bench_file_parses():
+    prompts = read_prompts(SHARED / "data" / "mt_bench_questions.jsonl")
+    assert len(prompts) == 80 and all(len(p.turns) == 2 for p in prompts)
