@@ -31,6 +31,7 @@ from .config import Config, ConfigError
 from .lora import attach_lora, parameter_counts
 from .metrics import RunLog, Throughput, write_summary
 from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
+from .optim import build_optimizer
 
 
 def make_accelerator(cfg: Config):
@@ -46,9 +47,9 @@ def make_accelerator(cfg: Config):
         else:
             kwargs["cpu"] = True
     mixed = cfg.training.mixed_precision
-    if mixed == "auto":
-        on_gpu_bf16 = torch.cuda.is_available() and resolve_dtype(cfg.model.dtype) == torch.bfloat16
-        mixed = "bf16" if on_gpu_bf16 else "no"
+    if mixed == "auto":  # fp16 weights (also bf16's fallback on older GPUs) need fp16's loss scaling
+        weights = resolve_dtype(cfg.model.dtype) if torch.cuda.is_available() else None
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, "no")
     return Accelerator(
         mixed_precision=mixed, log_with="tensorboard",
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -136,8 +137,7 @@ class Trainer:
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.trainable_params, self.total_params = parameter_counts(model)
-        optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.learning_rate,
-                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        optimizer = build_optimizer(optimizer_groups(model, t.weight_decay), t)
         self.scheduler = self._make_scheduler(optimizer)
         fill_deepspeed_config(acc, cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)
