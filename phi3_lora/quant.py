@@ -17,6 +17,8 @@ What "preparing a k-bit model for training" means here, and why it is less than 
   doubles the activations kept for backward. Neither buys precision that training needs:
   Phi3RMSNorm already computes its statistics in float32, and the loss upcasts the logits
   to float32 before the softmax (``loop.token_loss_sum``).
+* bitsandbytes' CPU inference repacking, which breaks the backward after an evaluation, is
+  switched off (see ``prepare_kbit_model``).
 * With gradient checkpointing the input embeddings' outputs are made to require grad
   (``model.enable_gradient_checkpointing``), so that checkpointed blocks on a frozen base
   still pass gradients to the adapters.
@@ -84,9 +86,19 @@ def bnb_config(cfg: ModelConfig, weights_dtype: torch.dtype, compute_dtype: torc
 
 
 def prepare_kbit_model(model):
-    """Freeze every base parameter of a quantized model; upcast nothing (see the module docstring)."""
+    """Freeze every base parameter of a quantized model; upcast nothing (see the module docstring).
+
+    Also keeps bitsandbytes' CPU inference repacking off: on CPUs with AVX512-BF16, the first
+    forward of a ``Linear4bit`` in eval mode without grad (an evaluation) repacks its weight for a
+    kernel that has no backward, and every later training forward goes through it — the
+    gradient stops at that layer, silently (bitsandbytes 0.50). Training evaluates between steps.
+    """
     for param in model.parameters():
         param.requires_grad_(False)
+    for name in quantized_layer_names(model):
+        module = model.get_submodule(name)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     logger.info("quantized %d linear layers; lm_head, embeddings and norms stay in %s",
                 len(quantized_layer_names(model)), model.dtype)
     return model
