@@ -246,3 +246,36 @@ def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(monkeypatch, caplog):
 def test_quantization_settings_are_validated(overrides, message):
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[")):
         load_config(None, overrides)
+
+
+def test_qlora_under_zero3_shards_4bit_weights_and_trains(tmp_path):
+    """Two CPU processes, DeepSpeed ZeRO-3: the 4-bit weights, stored in the model's dtype
+    (bnb_4bit_quant_storage), are partitioned like any parameter; training works; the gathered
+    adapter loads onto the 4-bit base."""
+    needs_bitsandbytes()
+    from peft import PeftModel
+
+    from conftest import FAST, ROOT, accelerate_launch
+    from phi3_lora.model import load_model, load_tokenizer
+    model_dir = tmp_path / "base"
+    cfg = load_config(None, FAST)
+    load_model(cfg.model, load_tokenizer(cfg.model), seed=cfg.training.seed).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml"))
+    run_script(launcher + [str(ROOT / "tests" / "helpers" / "quantized_layers.py"), f"output_dir={out}", *FAST,
+                           f"model.name_or_path={model_dir}", "model.tokenizer=tiny-random-phi3",
+                           "model.load_in_4bit=true", "model.bnb_4bit_quant_storage=float32",
+                           "training.max_steps=10", "training.learning_rate=3e-3", "training.per_device_batch_size=2"],
+               timeout=600)
+    ranks = [json.loads((out / f"layers.rank{r}.json").read_text()) for r in (0, 1)]
+    for layers in ranks:
+        assert len(layers) == 4 * cfg.model.tiny_layers
+        assert {v["class"] for v in layers.values()} == {"Linear4bit"}
+        for name, v in layers.items():  # packed 4-bit: in * out / 2 bytes, in float32 words, split over 2
+            assert v["ds_shape"] is not None and v["local_numel"] < v["ds_shape"][0], name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed_type"] == "DEEPSPEED" and summary["final_eval_loss"] < summary["first_eval_loss"] - 0.3
+    quantized_cfg = load_config(out / "config.yaml").model
+    base = load_model(dataclasses.replace(quantized_cfg, name_or_path=str(model_dir)), load_tokenizer(quantized_cfg))
+    tuned = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.named_parameters())
