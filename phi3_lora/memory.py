@@ -199,10 +199,10 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
         raise ConfigError(f"number of GPUs must be at least 1, got {num_gpus}")
     ckpt = t.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     n = num_gpus
-    w = BYTES.get(m.dtype, 2)
-    compute = m.bnb_4bit_compute_dtype if m.load_in_4bit else m.dtype
-    a = BYTES.get(compute, 2)
-    if t.mixed_precision in ("bf16", "fp16"):
+    weights_dtype = "bfloat16" if m.dtype == "auto" else m.dtype
+    compute = m.bnb_4bit_compute_dtype if m.load_in_4bit and m.bnb_4bit_compute_dtype != "auto" else weights_dtype
+    w, a = BYTES[weights_dtype], BYTES[compute]
+    if t.mixed_precision in ("bf16", "fp16"):  # autocast: activations in 16 bits whatever the weights
         a = 2
     h, i, L, V = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
     g = shape.kv_dim

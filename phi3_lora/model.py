@@ -13,6 +13,7 @@ processes or ranks.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import tempfile
@@ -25,6 +26,11 @@ from .quant import bnb_config, is_quantized, prepare_kbit_model
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:  # the dtype is resolved for the accelerator and for the model
+    logger.warning(message)
 
 
 def gpu_lacks_bf16() -> bool:
@@ -43,7 +49,7 @@ def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name == "bfloat16" and gpu_lacks_bf16():
-        logger.warning("%s=bfloat16: this GPU has no native bfloat16; using float16 instead", key)
+        _warn_once(f"{key}=bfloat16: this GPU has no native bfloat16; using float16 instead")
         return torch.float16
     return DTYPES[name]
 
