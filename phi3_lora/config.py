@@ -80,6 +80,20 @@ class ModelConfig:
     tiny_kv_heads: int = _field(4, f"Key/value heads of '{TINY_MODEL}' (fewer than heads = GQA).", minimum=1)
     tiny_rope: str = _field("default", f"Rope scaling of '{TINY_MODEL}': default or longrope (as 128k models).",
                             choices=("default", "longrope"))
+    load_in_4bit: bool = _field(False, "QLoRA: load the base's linear layers (not lm_head) in 4 bits with "
+                                "bitsandbytes (pip install 'phi3-lora[qlora]').")
+    load_in_8bit: bool = _field(False, "Load the base's linear layers (not lm_head) in 8 bits (LLM.int8) with "
+                                "bitsandbytes.")
+    bnb_4bit_quant_type: str = _field("nf4", "4-bit data type: nf4 (NormalFloat, as QLoRA) or fp4.",
+                                      choices=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = _field(False, "Quantize the 4-bit scales too (saves ~0.4 bits a weight).")
+    bnb_4bit_compute_dtype: str = _field("auto", "dtype the 4-bit weights are dequantized to for each matmul: "
+                                         "auto = model.dtype (float32 on the CPU); bfloat16 on a GPU without bf16 "
+                                         "falls back to float16 with a warning.",
+                                         choices=("auto", "bfloat16", "float16", "float32"))
+    bnb_4bit_quant_storage: str = _field("uint8", "dtype the packed 4-bit weights are stored in; set it to "
+                                         "model.dtype (bfloat16) so DeepSpeed ZeRO-3 can shard them.",
+                                         choices=("uint8", "bfloat16", "float16", "float32"))
 
 
 @dataclass
@@ -157,8 +171,13 @@ class TrainingConfig:
     preemption_signals: list[str] = _field(["SIGTERM", "SIGUSR1"], "On these signals: finish the optimizer "
                                            "step, save a checkpoint, exit with status 75 (requeue me).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward (non-reentrant).")
-    mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, else no.",
+    mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, fp16 (with loss "
+                                  "scaling) when they are fp16, else no.",
                                   choices=("auto", "no", "bf16", "fp16"))
+    optimizer: str = _field("adamw_torch", "adamw_torch (PyTorch AdamW, fused on CUDA), adamw_8bit, "
+                            "paged_adamw_8bit or paged_adamw_32bit (bitsandbytes; 8-bit states take 2 bytes a "
+                            "parameter instead of 8, paged states move to CPU memory under pressure).",
+                            choices=("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"))
 
 
 @dataclass
@@ -361,6 +380,10 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if m.tiny_hidden_size % m.tiny_heads or m.tiny_heads % m.tiny_kv_heads:
         raise ConfigError("model.tiny_*: hidden size must divide by heads, and heads by kv heads")
+    if m.load_in_4bit and m.load_in_8bit:
+        raise ConfigError("model.load_in_4bit and model.load_in_8bit: choose one")
+    if m.bnb_4bit_quant_storage != "uint8" and not m.load_in_4bit:
+        raise ConfigError("model.bnb_4bit_quant_storage: only applies with model.load_in_4bit=true")
     if not str(cfg.output_dir).strip():
         raise ConfigError("output_dir: must not be empty")
 

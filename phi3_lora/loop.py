@@ -36,6 +36,7 @@ from .lora import attach_lora, load_adapter_dir, parameter_counts, save_adapter,
 from .metrics import (RunLog, Throughput, mfu, peak_flops, peak_memory_gb, train_flops_per_token,
                       write_summary)
 from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
+from .optim import build_optimizer
 
 
 def make_accelerator(cfg: Config):
@@ -51,9 +52,9 @@ def make_accelerator(cfg: Config):
         else:
             kwargs["cpu"] = True
     mixed = cfg.training.mixed_precision
-    if mixed == "auto":
-        on_gpu_bf16 = torch.cuda.is_available() and resolve_dtype(cfg.model.dtype) == torch.bfloat16
-        mixed = "bf16" if on_gpu_bf16 else "no"
+    if mixed == "auto":  # fp16 weights (also bf16's fallback on older GPUs) need fp16's loss scaling
+        weights = resolve_dtype(cfg.model.dtype) if torch.cuda.is_available() else None
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, "no")
     return Accelerator(
         mixed_precision=mixed, log_with="tensorboard",
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -174,8 +175,7 @@ class Trainer:
         mean_length = sum(len(x) for x in self.train_data.dataset["input_ids"]) / len(self.train_data)
         self.flops_per_token = train_flops_per_token(acc.unwrap_model(model).config, mean_length,
                                                      self.trainable_params)
-        optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.learning_rate,
-                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        optimizer = build_optimizer(optimizer_groups(model, t.weight_decay), t)
         self.scheduler = self._make_scheduler(optimizer)
         fill_deepspeed_config(acc, cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)

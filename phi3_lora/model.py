@@ -4,30 +4,53 @@ The base model is a hub id, a local directory, or ``tiny-random-phi3`` (built of
 ``tiny.py``). It is loaded in the requested dtype (bfloat16 on GPUs that support it, float32 on
 the CPU), with the requested attention kernel (flash_attention_2 falls back to sdpa, with a
 message, when flash-attn is missing), ``use_cache=False`` for training, and, when asked,
-non-reentrant gradient checkpointing that works with adapters on a frozen base. This module
-knows nothing of processes or ranks.
+non-reentrant gradient checkpointing that works with adapters on a frozen base. With
+``model.load_in_4bit``/``load_in_8bit`` the linear layers are quantized by bitsandbytes
+(see ``quant.py``); the tiny model is then saved to a temporary directory and loaded back
+through the same ``from_pretrained`` path as a real checkpoint. This module knows nothing of
+processes or ranks.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import tempfile
 
 import torch
 
 from .config import TINY_MODEL, ConfigError, ModelConfig
+from .quant import bnb_config, is_quantized, prepare_kbit_model
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """``auto`` -> bfloat16 where a CUDA GPU supports it, else float32."""
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:  # the dtype is resolved for the accelerator and for the model
+    logger.warning(message)
+
+
+def gpu_lacks_bf16() -> bool:
+    """A CUDA GPU without native bfloat16 (before Ampere: T4, V100, RTX 20xx); emulation does not count."""
+    return torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """``auto`` -> bfloat16 where a CUDA GPU supports it, else float32.
+
+    bfloat16 asked for on a GPU without it falls back to float16, with a warning naming ``key``:
+    emulated bf16 is several times slower, and float16 with loss scaling trains as well for LoRA.
+    """
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
+    if name == "bfloat16" and gpu_lacks_bf16():
+        _warn_once(f"{key}=bfloat16: this GPU has no native bfloat16; using float16 instead")
+        return torch.float16
     return DTYPES[name]
 
 
@@ -64,26 +87,42 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     """
     dtype = resolve_dtype(cfg.dtype)
     attention = resolve_attention(cfg.attn_implementation)
+    quantization = None
+    if is_quantized(cfg):
+        compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else \
+            resolve_dtype(cfg.bnb_4bit_compute_dtype, "model.bnb_4bit_compute_dtype")
+        quantization = bnb_config(cfg, dtype, compute)
     if cfg.name_or_path == TINY_MODEL:
         from .tiny import tiny_phi3_config, tiny_phi3_model
         config = tiny_phi3_config(tokenizer, layers=cfg.tiny_layers, hidden=cfg.tiny_hidden_size,
                                   heads=cfg.tiny_heads, kv_heads=cfg.tiny_kv_heads, rope=cfg.tiny_rope)
         config._attn_implementation = attention
         model = tiny_phi3_model(config, seed=seed, dtype=dtype)
+        if quantization is not None:  # through the same from_pretrained path as a real checkpoint
+            with tempfile.TemporaryDirectory(prefix="tiny-phi3-") as tmp:
+                model.save_pretrained(tmp)
+                model = _from_pretrained(tmp, None, dtype, attention, False, quantization)
+            model.config._name_or_path = ""  # as the unquantized tiny model: no path that outlives the load
     else:
-        from transformers import AutoModelForCausalLM
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path, revision=cfg.revision, dtype=dtype, attn_implementation=attention,
-                trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"model.name_or_path: cannot load '{cfg.name_or_path}': "
-                              f"{str(err).splitlines()[0]}") from None
+        model = _from_pretrained(cfg.name_or_path, cfg.revision, dtype, attention, cfg.trust_remote_code,
+                                 quantization)
+    if quantization is not None:
+        model = prepare_kbit_model(model)
     model.config.use_cache = False
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocabulary "
                           f"of {model.config.vocab_size}")
     return model
+
+
+def _from_pretrained(source: str, revision, dtype, attention: str, trust_remote_code: bool, quantization):
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=dtype, attn_implementation=attention,
+            trust_remote_code=trust_remote_code, quantization_config=quantization)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load '{source}': {str(err).splitlines()[0]}") from None
 
 
 def enable_gradient_checkpointing(model) -> None:

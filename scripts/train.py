@@ -4,6 +4,8 @@ Single process (CPU or one GPU):
     python scripts/train.py --config configs/phi3-mini-4k-lora.yaml
 One GPU or many with DDP (the launch topology lives in accelerate_configs/):
     accelerate launch --config_file accelerate_configs/multi_gpu_ddp.yaml scripts/train.py --config configs/phi3-mini-4k-lora.yaml
+QLoRA (4-bit base, bitsandbytes) on one 8-12 GB GPU:
+    python scripts/train.py --config configs/phi3-mini-4k-qlora-consumer.yaml
 DeepSpeed ZeRO-3:
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml scripts/train.py --config configs/phi3-medium-4k-lora.yaml
 Without --config the embedded demo runs: a tiny random Phi-3 learning generated chat tasks on the CPU.

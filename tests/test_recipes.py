@@ -38,6 +38,11 @@ def test_recipe_runs_two_steps_at_tiny_size(recipe, tmp_path):
     saved = load_config(Path(tmp_path) / "config.yaml")
     assert saved.lora == cfg.lora  # the recipe's own LoRA settings were used
     assert saved.training.gradient_checkpointing == cfg.training.gradient_checkpointing
+    # QLoRA recipes run 4-bit on the CPU too (bitsandbytes 0.50); only model.dtype is overridden to float32
+    quantization = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                    "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+    assert [getattr(saved.model, k) for k in quantization] == [getattr(cfg.model, k) for k in quantization]
+    assert saved.training.optimizer == cfg.training.optimizer
 
 
 def test_longrope_tiny_model_switches_factors_past_original_context():

@@ -1,0 +1,39 @@
+"""The optimizer, by name (``training.optimizer``): PyTorch AdamW or a bitsandbytes AdamW.
+
+* ``adamw_torch``: ``torch.optim.AdamW``, with the fused kernel on CUDA (one launch for all
+  parameters); on the CPU PyTorch's default implementation, so CPU results stay comparable.
+* ``adamw_8bit``: bitsandbytes' AdamW with both moments stored blockwise-quantized in 8 bits —
+  2 bytes of state a parameter instead of 8. Tensors under 4,096 elements keep 32-bit states
+  (bitsandbytes' ``min_8bit_size``), where quantization would save nothing.
+* ``paged_adamw_8bit`` / ``paged_adamw_32bit``: the same states in CUDA unified memory, which
+  the driver pages out to CPU memory when the GPU runs short instead of failing with
+  out-of-memory (on the CPU bitsandbytes falls back to ordinary buffers, and says so).
+
+All take the parameter groups of ``loop.optimizer_groups`` and the AdamW settings of the
+``training`` section.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TrainingConfig
+from .quant import require_bitsandbytes
+
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
+def build_optimizer(groups: list[dict], cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names, over ``groups``.
+
+    Raises:
+        ConfigError: a bitsandbytes optimizer is asked for and bitsandbytes is not installed.
+    """
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw_torch":
+        return torch.optim.AdamW(groups, fused=True if torch.cuda.is_available() else None, **kwargs)
+    require_bitsandbytes(f"training.optimizer={cfg.optimizer}")
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(groups, **kwargs)

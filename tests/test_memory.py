@@ -1,0 +1,118 @@
+"""The memory estimator against a case computed by hand, and scripts/estimate_memory.py end to end.
+
+The expected figures below are worked out from the formulas in phi3_lora/memory.py's docstring,
+written out number by number for a small shape, not taken from the estimator's output.
+"""
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script
+from phi3_lora.config import ConfigError, load_config
+from phi3_lora.memory import estimate, model_shape
+
+SCRIPT = ROOT / "scripts" / "estimate_memory.py"
+
+# hidden 64, intermediate 160, 3 layers, 4 heads (head dim 16), 2 kv heads (kv dim 32), vocabulary 320
+SMALL = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512, "model_type": "phi3"}
+SETTINGS = ["model.dtype=bfloat16", "model.load_in_4bit=true", "model.bnb_4bit_use_double_quant=true",
+            "model.bnb_4bit_compute_dtype=bfloat16", "lora.r=32", "lora.target_modules=[qkv_proj,down_proj]",
+            "lora.dropout=0.1", "training.optimizer=adamw_8bit", "training.per_device_batch_size=2",
+            "data.max_seq_len=128", "training.per_device_eval_batch_size=4", "training.gradient_checkpointing=true"]
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    return load_config(None, [f"model.name_or_path={tmp_path}", *SETTINGS])
+
+
+def by_hand(n_gpus=1, zero=0, checkpointing=True):
+    # parameters: qkv 64 x (64 + 2*32) = 8192, o 64 x 64 = 4096, gate_up 64 x 320 = 20480, down 160 x 64 = 10240
+    per_layer = 8192 + 4096 + 20480 + 10240          # 43008
+    linear = 3 * per_layer                            # 129024
+    rest = 2 * 320 * 64 + (2 * 3 + 1) * 64            # embeddings + lm_head + 7 norms = 41408
+    packed = linear * 0.5 + rest * 2                  # 4-bit weights, bf16 embeddings/head/norms
+    constants = linear * (1 / 64 + 4 / (64 * 256))    # double-quantized absmax
+    weights = (packed / n_gpus if zero == 3 else packed) + constants
+    # LoRA r=32 on qkv (A 32x64 = 2048, B 128x32 = 4096) and down (A 32x160 = 5120, B 64x32 = 2048), 3 layers
+    lora = 3 * (2048 + 4096 + 5120 + 2048)            # 39936
+    adapters = 4 * lora / (n_gpus if zero == 3 else 1)
+    gradients = 4 * lora / (n_gpus if zero >= 2 else 1)
+    # adamw_8bit: 8-bit states for tensors of >= 4096 elements (4096, 5120), fp32 for the others
+    optimizer = 3 * ((4096 + 5120) * (2 + 8 / 2048) + (2048 + 2048) * 8)
+    if zero >= 1:
+        optimizer = (optimizer + 4 * lora) / n_gpus   # + DeepSpeed's fp32 master copy, sharded
+    tokens = 2 * 128
+    # one layer, per token, a = 2: norms 8*64; attention 2*(64+128+64+32+64); MLP 2*(64+320+160+160);
+    # LoRA dropout (2+1)*in and lora_A output 2*32 on qkv (in 64) and down (in 160)
+    per_token = 8 * 64 + 2 * (64 + 128 + 64 + 32 + 64) + 2 * (64 + 320 + 160 + 160) \
+        + (3 * 64 + 2 * 32) + (3 * 160 + 2 * 32)      # 3424
+    one_layer = per_token * tokens
+    final = tokens * (4 * 64 + 2 * 64)                # final norm's fp32 copy and lm_head's input
+    kept = (3 * 2 * 64 * tokens if checkpointing else 3 * one_layer) + final
+    working = tokens * 2 * (2 * 160 + 2 * 64) + 20480 * 2 + (2 * per_layer * 0.5 if zero == 3 else 0)
+    logits = tokens * 320 * 12
+    activations = kept + max(logits, (one_layer if checkpointing else 0) + working)
+    training = weights + adapters + gradients + optimizer + activations
+    evaluation = weights + adapters + optimizer + 4 * 128 * (320 * (2 + 8) + 2 * (64 + 3 * 160)) + 20480 * 2
+    return dict(weights=weights, adapters=adapters, gradients=gradients, optimizer=optimizer,
+                activations=activations, training_peak=training, evaluation_peak=evaluation,
+                peak=max(training, evaluation), adapter_parameters=lora, base_parameters=linear + rest)
+
+
+@pytest.mark.parametrize("zero, n_gpus, checkpointing", [(0, 1, True), (0, 1, False), (3, 4, True), (2, 2, True)])
+def test_estimate_matches_the_hand_computed_case(small_model, zero, n_gpus, checkpointing):
+    shape, source = model_shape(small_model)
+    assert source.endswith("config.json") and shape.kv_dim == 32
+    got = estimate(small_model, shape, zero_stage=zero, num_gpus=n_gpus, gradient_checkpointing=checkpointing)
+    for key, want in by_hand(n_gpus, zero, checkpointing).items():
+        assert getattr(got, key) == pytest.approx(want, rel=1e-12), key
+
+
+def test_checkpointing_saves_what_it_should(small_model):
+    shape, _ = model_shape(small_model)
+    with_ckpt = estimate(small_model, shape, gradient_checkpointing=True)
+    without = estimate(small_model, shape, gradient_checkpointing=False)
+    assert with_ckpt.activations < without.activations
+    assert (with_ckpt.weights, with_ckpt.optimizer) == (without.weights, without.optimizer)
+
+
+def test_shapes_come_from_the_real_config():
+    mini = load_config(ROOT / "configs" / "phi3-mini-4k-qlora-consumer.yaml")
+    shape, source = model_shape(mini)
+    assert "built-in" in source
+    assert (shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size) == \
+        (3072, 8192, 32, 32064)
+    est = estimate(mini, shape)
+    assert est.base_parameters == 3_821_079_552  # Phi-3-mini's published parameter count
+    tiny, _ = model_shape(load_config(None, ["model.tiny_hidden_size=64"]))
+    assert tiny.hidden_size == 64
+
+
+def test_bad_zero_stage_is_a_config_error(small_model):
+    shape, _ = model_shape(small_model)
+    with pytest.raises(ConfigError, match="zero stage must be 0-3"):
+        estimate(small_model, shape, zero_stage=4)
+
+
+def test_script_prints_the_breakdown_and_card_table(small_model, tmp_path):
+    out = tmp_path / "estimate.json"
+    proc = run_script([sys.executable, str(SCRIPT), f"model.name_or_path={small_model.model.name_or_path}",
+                       *SETTINGS, "--zero_stage", "2", "--num_gpus", "2", "--cards", "8", "--json", str(out)])
+    for row in ("weights", "adapters", "gradients", "optimizer states", "activations", "peak (allocated)"):
+        assert any(line.startswith(row) for line in proc.stdout.splitlines()), row
+    assert "| 8 GB | fits" in proc.stdout
+    record = json.loads(out.read_text())
+    assert record["peak"] == pytest.approx(by_hand(2, 2, True)["peak"], rel=1e-12)
+    assert record["zero_stage"] == 2 and record["num_gpus"] == 2
+
+
+def test_script_unknown_model_is_one_line_error(tmp_path):
+    proc = run_script([sys.executable, str(SCRIPT), f"model.name_or_path={tmp_path / 'missing'}"], check=False,
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.name_or_path: cannot read the config of")
