@@ -14,6 +14,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) scripts/prebuild_deepspeed_ops.py
 	touch $@
 
 setup: $(VENV)/.installed

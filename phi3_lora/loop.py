@@ -291,9 +291,9 @@ class Trainer:
         if not last or last[-1].name != ckpt.step_directory(self.out, self.progress.step).name:
             self.save_checkpoint()
         self.accelerator.end_training()
-        raise ckpt.Preempted(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: checkpoint "
-                        f"{ckpt.step_directory(self.out, self.progress.step)} saved; run again with "
-                        "training.resume_from=auto to continue")
+        raise ckpt.Preempted(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: "
+                             f"checkpoint {ckpt.step_directory(self.out, self.progress.step)} saved; run again "
+                             "with training.resume_from=auto to continue")
 
     def _batches_of_epoch(self):
         """This process's micro-batches, one list per optimizer step, from the current data position."""

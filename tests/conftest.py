@@ -66,3 +66,13 @@ def accelerate_launch(num_processes: int, *extra: str) -> list[str]:
 def load_adapter_tensors(output_dir: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def in_process_trainer(cfg):
+    """A Trainer in this pytest process (no launcher start-up cost); accelerate's singletons reset first."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from phi3_lora.loop import Trainer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Trainer(cfg)

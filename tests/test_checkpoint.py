@@ -92,19 +92,23 @@ def reference(tmp_path_factory):
     return uninterrupted(tmp_path_factory, "reference", "lora.dropout=0.1")
 
 
-@pytest.mark.parametrize("stop_after", [6, 12])
-def test_exact_resume_single_process(reference, tmp_path, stop_after):
-    """SIGTERM after step 6 (first epoch) or 12 (second): the resumed run is bit-identical, dropout included."""
-    saved_at = preempt_and_resume(tmp_path, stop_after, "lora.dropout=0.1")
-    assert saved_at < 16
+def test_exact_resume_in_the_second_epoch(reference, tmp_path):
+    """SIGTERM in the second epoch (the accelerate#2016 trap replays epoch 0's order there): the resumed
+    run is bit-identical, dropout included."""
+    saved_at = preempt_and_resume(tmp_path, 12, "lora.dropout=0.1")
+    assert 12 <= saved_at < 16
     assert_identical(reference, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 16
 
 
-def test_tensorboard_continues_without_duplicate_steps(reference, tmp_path):
+def test_exact_resume_in_the_first_epoch_and_tensorboard_continues(reference, tmp_path):
+    """SIGTERM after step 6, mid logging window: bit-identical after the resume, across the epoch boundary
+    at step 10; TensorBoard shows every logged step once, with the uninterrupted run's values."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    preempt_and_resume(tmp_path, 6, "lora.dropout=0.1")
+    saved_at = preempt_and_resume(tmp_path, 6, "lora.dropout=0.1")
+    assert 6 <= saved_at < 10
+    assert_identical(reference, tmp_path)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
@@ -141,7 +145,7 @@ def test_crash_safety_under_sigkill(reference, tmp_path):
                     break
                 time.sleep(0.001)
         else:
-            time.sleep(rng.uniform(4.0, 9.0))
+            time.sleep(rng.uniform(3.0, 7.0))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()

@@ -3,18 +3,14 @@
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, in_process_trainer
 from phi3_lora.config import load_config
-from phi3_lora.loop import Trainer
 
 
 def fresh_trainer(tmp_path, *overrides):
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     cfg = load_config(None, [*FAST, f"output_dir={tmp_path}", "lora.dropout=0", "training.max_grad_norm=0",
                              "data.eval_size=0", *overrides])
-    trainer = Trainer(cfg)
+    trainer = in_process_trainer(cfg)
     with torch.no_grad():  # B = 0 at init would leave A's gradient zero: give both factors values
         gen = torch.Generator().manual_seed(0)
         for name, p in trainer.model.named_parameters():

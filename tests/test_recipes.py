@@ -5,12 +5,11 @@ kind — rope type (LongRoPE for the 128k and 3.5 models), grouped-query attenti
 projections — and runs the recipe's own LoRA and training settings on the demo data.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TRAIN, read_metrics, run_script
+from conftest import ROOT, in_process_trainer, read_metrics
 from phi3_lora.architectures import known_shape
 from phi3_lora.config import load_config
 
@@ -32,7 +31,7 @@ def test_recipe_runs_two_steps_at_tiny_size(recipe, tmp_path):
         "training.max_steps=2", "training.logging_steps=1", "training.per_device_batch_size=2",
         "training.gradient_accumulation_steps=1", f"output_dir={tmp_path}",
     ]
-    run_script([sys.executable, str(TRAIN), "--config", str(recipe), *overrides], timeout=300)
+    in_process_trainer(load_config(recipe, overrides)).train()
     losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
     saved = load_config(Path(tmp_path) / "config.yaml")
