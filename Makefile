@@ -14,6 +14,10 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# DeepSpeed compiles two CPU ops the first time a launch needs them; the tests launch it many times.
+$(VENV)/.deepspeed-ops: $(VENV)/.installed
 	$(PY) scripts/prebuild_deepspeed_ops.py
 	touch $@
 
@@ -22,7 +26,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/train.py
 
-test: setup
+test: setup $(VENV)/.deepspeed-ops
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:

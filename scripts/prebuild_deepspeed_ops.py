@@ -1,8 +1,8 @@
-"""Compile DeepSpeed's just-in-time ops once, at setup, instead of inside the first run that needs them.
+"""Compile DeepSpeed's just-in-time CPU ops once, ahead of the first run that needs them.
 
 On a machine without CUDA, DeepSpeed builds its shared-memory all-reduce (every launch) and its CPU
 Adam (ZeRO-Offload) with ninja the first time they are used: about two minutes on 2 cores. `make
-setup` runs this so that `make test` and the first real run do not pay it. Safe to run again (the
+test` runs this once per environment, before the tests, so that no test's launch pays it. Safe to run again (the
 build is cached under ~/.cache/torch_extensions); does nothing where the ops do not apply.
 
     python scripts/prebuild_deepspeed_ops.py
