@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .config import Config, ConfigError, all_keys, load_config
+from .config import Config, ConfigError, load_config
 from .loop import supervised_tokens, token_loss_sum
 from .model import load_model, load_tokenizer
 
@@ -32,13 +32,8 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
 
 
 def quantization_override(load_in_4bit: bool) -> list[str]:
-    """The override that asks ``load_model`` for a 4-bit base, if this build can load one."""
-    if not load_in_4bit:
-        return []
-    if "model.load_in_4bit" not in all_keys():
-        raise ConfigError("--load_in_4bit: this build has no 4-bit loading (model.load_in_4bit, the QLoRA "
-                          "issue); load the base unquantized")
-    return ["model.load_in_4bit=true"]
+    """The override that asks ``load_model`` for a 4-bit NF4 base (``--load_in_4bit``)."""
+    return ["model.load_in_4bit=true"] if load_in_4bit else []
 
 
 def unquantized(cfg: Config) -> bool:
@@ -46,7 +41,7 @@ def unquantized(cfg: Config) -> bool:
     was = False
     for key in QUANTIZATION_KEYS:
         name = key.split(".", 1)[1]
-        if key in all_keys() and getattr(cfg.model, name):
+        if getattr(cfg.model, name):
             setattr(cfg.model, name, False)
             was = True
     return was
