@@ -94,13 +94,17 @@ def test_longrope_one_long_example_changes_a_short_ones_loss_unless_kept_apart()
         mixed = per_example_losses(model, collate([[short], [long]]), [[0], [1]])[0]
     assert abs(float(alone - mixed)) > 1e-4  # the trap: the long row flipped the short one's factors
     # the guard: TrainItems gives the kinds to the plan, which never puts them in one step
+    from phi3_lora.data import plan_epoch
     lengths = [len(x) for x in train.dataset["input_ids"]]
-    fake = type("Split", (), {"dataset": [*[train.dataset[i] for i in range(len(lengths))], long]})()
-    fake.dataset = _ListDataset(fake.dataset)
+    fake = type("Split", (), {"dataset": _ListDataset([*[train.dataset[i] for i in range(len(lengths))], long])})()
     items = TrainItems(fake, max_seq_len=2048, packing=True, long_threshold=threshold)
-    assert items.kinds is not None
-    assert all(len({items.kinds[r] for r in [i]}) == 1 for i in range(len(items)))
+    # the long example has a row of its own (it would fit beside short ones: 2048 > 1074 + a short one)
     assert sum(items.kinds) == 1 and items.rows[items.kinds.index(1)] == [len(lengths)]
+    assert len(long_ids) + len(short["input_ids"]) <= 2048
+    for steps in (plan_epoch(len(items), epoch, 0, 2, 2, 1, 0, kinds=items.kinds) for epoch in range(3)):
+        for step in steps:
+            positions = [max(len(e["input_ids"]) for e in items[r]) for micro in step for r in micro]
+            assert all(p > threshold for p in positions) or all(p <= threshold for p in positions)
 
 
 class _ListDataset(list):
