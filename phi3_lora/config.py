@@ -113,6 +113,8 @@ class DataConfig:
     overlong: str = _field("truncate", "Examples longer than max_seq_len: truncate (keep the start) or drop.",
                            choices=("truncate", "drop"))
     train_on_prompt: bool = _field(False, "Supervise every token, not only the assistant turns.")
+    group_by_length: bool = _field(False, "Put items of similar length in the same micro-batches (less "
+                                   "padding; the order stays random at the step level).")
     packing: bool = _field(False, "Pack several examples into each row of up to max_seq_len tokens (no padding, "
                            "no cross-example attention); per_device_batch_size then counts rows.")
     chat_template: str = _field("tokenizer", "tokenizer = the tokenizer's own chat template; phi3 = the "

@@ -217,6 +217,7 @@ class TrainItems:
         else:
             self.rows = [[i] for i in range(len(lengths))]
         self.kinds = None if example_kinds is None else [example_kinds[row[0]] for row in self.rows]
+        self.lengths = [sum(lengths[i] for i in row) for row in self.rows]
         self.packing_efficiency = sum(lengths) / (len(self.rows) * max_seq_len) if packing else None
 
     def __len__(self) -> int:
@@ -230,7 +231,7 @@ class TrainItems:
 
 def plan_epoch(num_items: int, epoch: int, seed: int, micro_batch_size: int, accumulation: int,
                num_processes: int, process_index: int, shuffle: bool = True,
-               kinds: list[int] | None = None) -> list[list[list[int]]]:
+               kinds: list[int] | None = None, lengths: list[int] | None = None) -> list[list[list[int]]]:
     """The micro-batches of one process for one epoch, grouped by optimizer step.
 
     The epoch's items (examples, or packed rows) are shuffled (seed + epoch, the same on every
@@ -240,7 +241,9 @@ def plan_epoch(num_items: int, epoch: int, seed: int, micro_batch_size: int, acc
     spreads its remainder evenly, and a slot it cannot fill is an empty micro-batch (it contributes
     no tokens to the loss), so every process always runs ``accumulation`` micro-batches per step.
     With ``kinds`` (see ``long_context_kinds``) each kind is cut into its own steps, so no step mixes
-    kinds; the steps of all kinds are then shuffled together.
+    kinds; the steps of all kinds are then shuffled together. With ``lengths`` (``data.group_by_length``)
+    the shuffled items are sorted by length within windows of 50 steps before they are cut, so a
+    micro-batch holds items of similar length (less padding), and the steps are shuffled again.
 
     Returns:
         ``steps[s][j]`` = item indices of micro-batch j of optimizer step s on this process.
@@ -248,15 +251,16 @@ def plan_epoch(num_items: int, epoch: int, seed: int, micro_batch_size: int, acc
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_items, generator=generator).tolist() if shuffle else list(range(num_items))
     per_step = micro_batch_size * accumulation * num_processes
-    if kinds is None:
-        chunks = [order[start:start + per_step] for start in range(0, num_items, per_step)]
-    else:
-        chunks = []
-        for kind in sorted(set(kinds)):
-            same = [i for i in order if kinds[i] == kind]
-            chunks += [same[start:start + per_step] for start in range(0, len(same), per_step)]
-        if shuffle:
-            chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+    groups = [order] if kinds is None else [[i for i in order if kinds[i] == k] for k in sorted(set(kinds))]
+    chunks = []
+    for group in groups:
+        if lengths is not None:
+            window = 50 * per_step
+            group = [i for w in range(0, len(group), window)
+                     for i in sorted(group[w:w + window], key=lambda i: -lengths[i])]
+        chunks += [group[start:start + per_step] for start in range(0, len(group), per_step)]
+    if shuffle and (kinds is not None or lengths is not None):
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
     slots = accumulation * num_processes
     return [[chunk[j * num_processes + process_index::slots] for j in range(accumulation)] for chunk in chunks]
 

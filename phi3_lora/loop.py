@@ -298,9 +298,10 @@ class Trainer:
     def _batches_of_epoch(self):
         """This process's micro-batches, one list per optimizer step, from the current data position."""
         t, acc = self.cfg.training, self.accelerator
+        lengths = self.train_items.lengths if self.cfg.data.group_by_length else None
         plan = data_lib.plan_epoch(len(self.train_items), self.progress.epoch, t.seed, t.per_device_batch_size,
                                    t.gradient_accumulation_steps, acc.num_processes, acc.process_index,
-                                   kinds=self.train_items.kinds)
+                                   kinds=self.train_items.kinds, lengths=lengths)
         for step in plan[self.progress.step_in_epoch:]:
             yield [self.collate([self.train_items[i] for i in idx]) for idx in step]
 

@@ -234,3 +234,33 @@ def test_inspect_data_marks_spans_and_writes_jsonl(tmp_path):
         spans = supervised_spans(row["input_ids"], row["labels"])
         assert spans and all(tok.decode(s).endswith("<|end|>") for s in spans)
         assert all(label == IGNORE_INDEX or label == token for token, label in zip(row["input_ids"], row["labels"]))
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_example_once():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 500, (203,), generator=gen).tolist()
+
+    def padded_tokens(plan):
+        return sum(len(micro) * max(lengths[i] for i in micro) for step in plan for micro in step if micro)
+
+    for procs in (1, 2):
+        plain = [plan_epoch(203, 3, 0, 4, 2, procs, r) for r in range(procs)]
+        grouped = [plan_epoch(203, 3, 0, 4, 2, procs, r, lengths=lengths) for r in range(procs)]
+        assert sorted(i for p in grouped for step in p for micro in step for i in micro) == list(range(203))
+        assert len(grouped[0]) == len(plain[0]) and len({len(p) for p in grouped}) == 1
+        waste_plain = sum(padded_tokens(p) for p in plain) - sum(lengths)
+        waste_grouped = sum(padded_tokens(p) for p in grouped) - sum(lengths)
+        assert waste_grouped < 0.25 * waste_plain, (waste_grouped, waste_plain)
+    assert plan_epoch(203, 3, 0, 4, 2, 1, 0, lengths=lengths) != plan_epoch(203, 4, 0, 4, 2, 1, 0, lengths=lengths)
+
+
+def test_group_by_length_in_a_run(tmp_path):
+    from conftest import FAST, in_process_trainer, read_metrics
+    cfg = load_config(None, [*FAST, f"output_dir={tmp_path}", "data.group_by_length=true", "training.max_steps=3"])
+    trainer = in_process_trainer(cfg)
+    first = next(trainer._batches_of_epoch())
+    expected = plan_epoch(len(trainer.train_items), 0, cfg.training.seed, cfg.training.per_device_batch_size, 1, 1, 0,
+                          lengths=trainer.train_items.lengths)[0][0]
+    assert sorted(first[0]["example_ids"].tolist()) == sorted(expected)
+    trainer.train()
+    assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2, 3]
