@@ -76,14 +76,9 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_peft_adapter(peft_model, state_dict: dict[str, torch.Tensor], target: str | Path) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) atomically."""
-    with atomic_directory(target) as tmp:
-        write_peft_adapter(peft_model, state_dict, tmp)
-    return Path(target)
-
-
 def write_peft_adapter(peft_model, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) into ``directory``, checked
+    complete. ``lora.save_adapter`` wraps it in an atomic directory."""
     from safetensors import safe_open
 
     peft_model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
