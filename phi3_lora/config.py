@@ -45,7 +45,8 @@ DEMO_RECIPE = {
 CHANGEABLE_ON_RESUME = {
     "output_dir", "data.num_proc", "training.max_steps", "training.num_epochs", "training.logging_steps",
     "training.eval_steps", "training.save_steps", "training.save_total_limit", "training.resume_from",
-    "training.preemption_signals", "training.per_device_eval_batch_size",
+    "training.preemption_signals", "training.per_device_eval_batch_size", "training.loss_chunk_size",
+    "training.compile",
 }
 
 
@@ -173,6 +174,12 @@ class TrainingConfig:
     preemption_signals: list[str] = _field(["SIGTERM", "SIGUSR1"], "On these signals: finish the optimizer "
                                            "step, save a checkpoint, exit with status 75 (requeue me).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward (non-reentrant).")
+    loss_chunk_size: int = _field(1024, "Compute lm_head + cross-entropy over this many supervised tokens at a "
+                                  "time, recomputed in backward, so the 32,064-wide logits never exist for the "
+                                  "whole sequence; 0 = all positions at once, as Hugging Face does (and as "
+                                  "ZeRO-3 runs do).", minimum=0)
+    compile: bool = _field(False, "torch.compile each decoder layer (in place: names and saved adapters unchanged); "
+                           "the first steps pay the compilation.")
     mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, fp16 (with loss "
                                   "scaling) when they are fp16, else no.",
                                   choices=("auto", "no", "bf16", "fp16"))

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .config import Config, ConfigError, load_config
-from .loop import supervised_tokens, token_loss_sum
+from .loss import supervised_tokens, token_loss_sum
 from .model import load_model, load_tokenizer
 
 QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit")
@@ -74,14 +74,15 @@ def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None
 
 @torch.no_grad()
 def dataset_loss(model, split: data_lib.TokenizedSplit, pad_token_id: int, batch_size: int,
-                 desc: str = "eval loss") -> tuple[float, int]:
-    """Token-weighted loss over ``split`` (the loop's own loss function) and the supervised token count."""
+                 chunk_size: int = 0, desc: str = "eval loss") -> tuple[float, int]:
+    """Token-weighted loss over ``split`` (the loop's own loss function, logits in chunks of
+    ``chunk_size`` supervised tokens, 0 = whole) and the supervised token count."""
     collate = data_lib.Collator(pad_token_id)
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(split), batch_size), desc=desc, dynamic_ncols=True):
         batch = collate([[split.dataset[i]] for i in range(start, min(start + batch_size, len(split)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(token_loss_sum(model, batch).double())
+        total += float(token_loss_sum(model, batch, chunk_size).double())
         tokens += supervised_tokens(batch)
     return total / max(tokens, 1), tokens

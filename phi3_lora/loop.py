@@ -25,17 +25,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config
+from .loss import supervised_tokens, token_loss_sum
 from .lora import attach_lora, load_adapter_dir, parameter_counts, save_adapter, write_adapter
 from .metrics import (RunLog, Throughput, mfu, peak_flops, peak_memory_gb, train_flops_per_token,
                       write_summary)
-from .model import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_dtype
+from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
+                    resolve_dtype)
 from .optim import build_optimizer
 
 
@@ -91,17 +92,17 @@ def long_context_threshold(model_config) -> int | None:
     return rope.get("original_max_position_embeddings") or model_config.original_max_position_embeddings
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum (not mean) of the next-token cross-entropies over the supervised tokens of ``batch``."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
-    shifted = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
-                           ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+def loss_chunk_size(cfg: Config, accelerator) -> int:
+    """``training.loss_chunk_size``, or 0 under ZeRO-3: there lm_head is partitioned and gathered by
+    DeepSpeed's hooks only inside the model's forward (not when the chunks are recomputed in backward),
+    and each chunk would be a collective that processes with different token counts could not match."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-
-def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
+    if cfg.training.loss_chunk_size and is_deepspeed_zero3_enabled():
+        accelerator.print("training.loss_chunk_size: off under ZeRO-3 (lm_head is partitioned); "
+                          "the loss is computed from whole logits")
+        return 0
+    return cfg.training.loss_chunk_size
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
@@ -162,6 +163,7 @@ class Trainer:
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
         self.train_data, self.eval_data = data_lib.build_datasets(cfg.data, self.tokenizer, t.seed)
         self.resume_dir = find_resume_checkpoint(cfg)
+        self.loss_chunk_size = loss_chunk_size(cfg, acc)
 
         model = self._build_model()
         self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing,
@@ -197,6 +199,8 @@ class Trainer:
             load_adapter_dir(model, self.resume_dir / "adapter")
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.training.compile:
+            acc.print(f"compiling {compile_decoder_layers(model)} decoder layers (the first steps are slower)")
         self.trainable_params, self.total_params = parameter_counts(model)
         return model
 
@@ -240,7 +244,7 @@ class Trainer:
             self.evaluate()
         bar = tqdm(total=self.total_steps, initial=p.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        window = Throughput()
+        window, whole_run = Throughput(), Throughput()
         preemption = PreemptionFlag(t.preemption_signals)
         try:
             while p.step < self.total_steps:
@@ -253,7 +257,8 @@ class Trainer:
                     p.supervised_tokens += n_tokens
                     p.window_loss_sum += loss_sum
                     p.window_tokens += n_tokens
-                    window.add(n_tokens, n_all, {"data": data_seconds, **self.last_step_seconds})
+                    for counter in (window, whole_run):
+                        counter.add(n_tokens, n_all, {"data": data_seconds, **self.last_step_seconds})
                     bar.update(1)
                     if p.step % t.logging_steps == 0 or p.step == self.total_steps:
                         self._log_train(window, grad_norm, bar)
@@ -276,7 +281,7 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             preemption.restore()
-        return self.finish(time.perf_counter() - start)
+        return self.finish(time.perf_counter() - start, whole_run)
 
     def _any_process_signalled(self, preemption: PreemptionFlag) -> bool:
         """True on every process if any received a preemption signal (they must stop at the same step)."""
@@ -322,8 +327,8 @@ class Trainer:
         clock = _StepClock()
         for batch in batches:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            with acc.accumulate(self.model):
-                loss = token_loss_sum(self.model, batch)
+            with acc.accumulate(self.model), acc.autocast():  # autocast also covers a chunked loss's lm_head
+                loss = token_loss_sum(self.model, batch, self.loss_chunk_size)
                 acc.backward(loss * scale)  # under DeepSpeed this also steps the optimizer on the last one
                 loss_sum += loss.detach()
                 if acc.sync_gradients:
@@ -369,7 +374,8 @@ class Trainer:
         for (idx,) in plan:
             batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            totals[0] += token_loss_sum(self.model, batch).double()
+            with acc.autocast():
+                totals[0] += token_loss_sum(self.model, batch, self.loss_chunk_size).double()
             totals[1] += supervised_tokens(batch)
         totals = acc.reduce(totals, "sum")
         loss = float(totals[0] / totals[1])
@@ -458,15 +464,23 @@ class Trainer:
     def uses_deepspeed(self) -> bool:
         return self.accelerator.state.deepspeed_plugin is not None
 
-    def finish(self, wall_time: float) -> dict:
+    def finish(self, wall_time: float, whole_run: Throughput) -> dict:
+        """Save the adapter, write summary.json, print where everything is."""
         acc, p = self.accelerator, self.progress
         adapter = self.save_adapter()
+        step_parts = whole_run.step_time_parts()
+        in_steps = whole_run.steps * sum(step_parts.values())  # training only: no evaluation, no saving
+        utilisation = mfu(whole_run.total / max(in_steps, 1e-9), self.flops_per_token,
+                          peak_flops(self._device_name()), acc.num_processes)
         summary = {
             "steps": p.step, "epochs_completed": p.epoch, "final_train_loss": p.last_train_loss,
             "first_eval_loss": p.eval_losses[0][1] if p.eval_losses else None,
             "final_eval_loss": p.eval_losses[-1][1] if p.eval_losses else None,
             "supervised_tokens": p.supervised_tokens,
             "supervised_tokens_per_second": p.supervised_tokens / max(wall_time, 1e-9),
+            "tokens_this_run": whole_run.total,
+            "tokens_per_second_in_steps": whole_run.total / max(in_steps, 1e-9),
+            "mfu": utilisation, **step_parts, "peak_memory_gb": peak_memory_gb(),
             "wall_time_seconds": wall_time, "num_processes": acc.num_processes,
             "distributed_type": str(acc.distributed_type).split(".")[-1],
             "train_examples": len(self.train_data), "examples_truncated": self.train_data.truncated,
@@ -480,7 +494,10 @@ class Trainer:
         acc.end_training()
         acc.print(
             f"\ndone: {p.step} steps in {wall_time:.1f}s, {summary['supervised_tokens_per_second']:.0f} "
-            f"supervised tokens/s on {acc.num_processes} process(es)\n"
+            f"supervised tokens/s on {acc.num_processes} process(es); "
+            f"{summary['tokens_per_second_in_steps']:.0f} tokens/s in the steps"
+            f"{'' if utilisation is None else f', MFU {100 * utilisation:.1f}%'}, "
+            f"peak memory {summary['peak_memory_gb']:.2f} GB\n"
             f"  final train loss {_fmt(p.last_train_loss)}, eval loss {_fmt(summary['first_eval_loss'])} -> "
             f"{_fmt(summary['final_eval_loss'])}\n"
             f"  adapter:     {adapter}\n  summary:     {self.out / 'summary.json'}\n"

@@ -34,19 +34,23 @@ activations per token of one decoder layer, kept for backward (sdpa/flash attent
                 + sum over adapted layers of (a + 1) in + a r   LoRA dropout output and mask
                                                        (no dropout: a r only), lora_A output
             kept: without checkpointing L A T, with it L a h T (each layer's input); both plus
-            T (4h + a h) (the final norm's fp32 copy and lm_head's input). With checkpointing one
-            layer's A T is recomputed during backward.
+            T (4h + a h) (the final norm's fp32 copy and lm_head's input), and T a h more with
+            a chunked loss (the supervised positions' copy its chunks read; at most T of them).
+            With checkpointing one layer's A T is recomputed during backward.
             backward working set: T a (2i + 2h) (gradients of the widest activations) plus one
             dequantized weight of the largest quantized layer, in a bytes (4/8-bit matmuls
             dequantize it for every call).
-            logits: T V (4 + 4 + 4) at the start of backward (fp32 log-softmax kept for backward,
+            logits: R V (4 + 4 + 4) at the start of backward (fp32 log-softmax kept for backward,
             its gradient, the fp32 logits' gradient); the forward's a + 8 bytes per logit are less.
+            R = T with whole logits; R = min(T, C) with ``training.loss_chunk_size`` C > 0 (not
+            under ZeRO-3, where the loop computes whole logits).
             ZeRO-3 adds two gathered decoder layers (the current and the prefetched one) in storage
             bytes.
             peak (training) = weights + adapters + gradients + optimizer + kept
                               + max(logits, working set [+ A T with checkpointing])
-evaluation  weights + adapters + optimizer + T_e (V (a + 8) + a (h + 3i)) + dequantized weight:
-            no activations are kept, but an evaluation batch's logits are; gradients are freed.
+evaluation  weights + adapters + optimizer + R_e V (a + 8) + T_e a (h + 3i) + dequantized weight,
+            R_e = T_e or min(T_e, C) as R (+ T_e a h, the chunks' copy): no activations are kept,
+            but an evaluation batch's logits are; gradients are freed.
 
 The peak is the larger of training and evaluation. ``overhead`` = 0.5 GiB (CUDA context and
 kernels) + 10% of the peak (allocator fragmentation), an assumption checked by
@@ -250,14 +254,17 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     for fan_in, _ in adapted.values():
         per_token += ((a + 1) * fan_in if lora.dropout > 0 else 0) + a * lora.r
     one_layer = per_token * tokens
-    kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h)
+    chunk = t.loss_chunk_size if zero_stage != 3 else 0  # ZeRO-3 runs use whole logits (loop.loss_chunk_size)
+    selected = a * h if chunk else 0  # the supervised positions' hidden states, copied for the chunks
+    kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)
     quantized = m.load_in_4bit or m.load_in_8bit
     largest = max(fan_in * fan_out for fan_in, fan_out in layers.values())
     dequantized = largest * a if quantized else 0
     working = tokens * a * (2 * i + 2 * h) + dequantized + (2 * layer_storage if zero_stage == 3 else 0)
-    logits = tokens * V * 12
+    logits = (min(tokens, chunk) if chunk else tokens) * V * 12
     eval_tokens = t.per_device_eval_batch_size * cfg.data.max_seq_len
-    evaluation = eval_tokens * (V * (a + 8) + a * (h + 3 * i)) + dequantized
+    eval_logits = (min(eval_tokens, chunk) if chunk else eval_tokens) * V * (a + 8)
+    evaluation = eval_logits + eval_tokens * a * (h + 3 * i + selected / a) + dequantized
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer=opt, kept_activations=kept,
                     one_layer=one_layer, working_set=working, logits=logits, evaluation_activations=evaluation,
                     adapter_parameters=p_lora, base_parameters=p_lin + p_rest, checkpointing=ckpt)

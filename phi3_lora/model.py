@@ -129,3 +129,16 @@ def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing: gradients reach adapters even though the inputs are frozen."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` each decoder layer in place (``nn.Module.compile``); returns how many.
+
+    Per layer, as torchtune does: one small graph reused by every layer, gradient checkpointing
+    still wraps each layer, and the parameter names (hence saved adapters) do not change, as they
+    would under ``torch.compile(model)``'s ``_orig_mod.`` wrapper.
+    """
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)

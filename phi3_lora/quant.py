@@ -16,7 +16,7 @@ What "preparing a k-bit model for training" means here, and why it is less than 
   weight turns the residual stream float32 (``Phi3RMSNorm`` returns ``weight * x``), which
   doubles the activations kept for backward. Neither buys precision that training needs:
   Phi3RMSNorm already computes its statistics in float32, and the loss upcasts the logits
-  to float32 before the softmax (``loop.token_loss_sum``).
+  to float32 before the softmax (``loss.token_loss_sum``).
 * bitsandbytes' CPU inference repacking, which breaks the backward after an evaluation, is
   switched off (see ``prepare_kbit_model``).
 * With gradient checkpointing the input embeddings' outputs are made to require grad

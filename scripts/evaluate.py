@@ -130,13 +130,13 @@ def main(argv=None):
     results = {"adapter": args.adapter, "model": cfg.model.name_or_path}
 
     if split is not None:
-        loss, tokens = dataset_loss(model, split, tokenizer.pad_token_id, cfg.training.per_device_eval_batch_size)
+        batching = (tokenizer.pad_token_id, cfg.training.per_device_eval_batch_size, cfg.training.loss_chunk_size)
+        loss, tokens = dataset_loss(model, split, *batching)
         results.update({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)),
                         "eval_examples": len(split), "eval_supervised_tokens": tokens})
         if args.compare_base:
             with disabled_adapter(model):
-                base_loss, _ = dataset_loss(model, split, tokenizer.pad_token_id,
-                                            cfg.training.per_device_eval_batch_size, desc="base eval loss")
+                base_loss, _ = dataset_loss(model, split, *batching, desc="base eval loss")
             results.update({"base_eval_loss": base_loss, "base_eval_perplexity": math.exp(min(base_loss, 50))})
 
     if prompts is not None:

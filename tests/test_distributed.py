@@ -30,7 +30,8 @@ def record_run(out, launcher, *overrides):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    record_run(out, [sys.executable], "training.gradient_accumulation_steps=2")
+    # the reference computes the loss from whole logits; the others from chunks of 64 positions
+    record_run(out, [sys.executable], "training.gradient_accumulation_steps=2", "training.loss_chunk_size=0")
     return out
 
 
@@ -87,7 +88,7 @@ def test_single_process_reference(single):
 
 
 def test_ddp_two_processes_match_single(single, tmp_path):
-    record_run(tmp_path, accelerate_launch(2, "--multi_gpu"))
+    record_run(tmp_path, accelerate_launch(2, "--multi_gpu"), "training.loss_chunk_size=64")
     assert_same_run(single, tmp_path)
     assert_each_example_once_per_epoch(tmp_path, 2)
     assert assert_one_writer(tmp_path, 2)["distributed_type"] == "MULTI_CPU"
@@ -96,10 +97,13 @@ def test_ddp_two_processes_match_single(single, tmp_path):
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
     launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / f"deepspeed_{stage}.yaml"))
-    proc = record_run(tmp_path, launcher, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3")
+    proc = record_run(tmp_path, launcher, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3",
+                      "training.loss_chunk_size=64")
     assert_same_run(single, tmp_path)
     assert_each_example_once_per_epoch(tmp_path, 2)
     assert assert_one_writer(tmp_path, 2)["distributed_type"] == "DEEPSPEED"
+    chunks_off = "training.loss_chunk_size: off under ZeRO-3" in proc.stdout
+    assert chunks_off == (stage != "zero2")
     if stage != "zero2":
         assert "loaded partitioned across 2 processes (ZeRO-3 zero.Init)" in proc.stdout
 

@@ -1,4 +1,7 @@
-"""The loss of an optimizer step is token-normalised over all its micro-batches: accumulation is exact."""
+"""The loss: token-normalised over micro-batches (accumulation is exact); chunked cross-entropy and compiled
+layers give the same numbers as whole logits and eager layers."""
+
+import json
 
 import pytest
 import torch
@@ -54,7 +57,7 @@ def test_one_batch_of_8_equals_four_micro_batches_of_2(tmp_path):
 
 def test_token_normalisation_is_not_a_mean_of_means(tmp_path):
     """The step loss weighs micro-batches by their supervised tokens (a mean of means would not)."""
-    from phi3_lora.loop import supervised_tokens, token_loss_sum
+    from phi3_lora.loss import supervised_tokens, token_loss_sum
     trainer = fresh_trainer(tmp_path, "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4")
     batches = next(trainer._batches_of_epoch())
     with torch.no_grad():
@@ -65,3 +68,57 @@ def test_token_normalisation_is_not_a_mean_of_means(tmp_path):
     assert loss_sum / n_tokens == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     mean_of_means = sum(s / c for s, c in zip(sums, counts)) / len(sums)
     assert abs(mean_of_means - sum(sums) / sum(counts)) > 1e-4  # the two definitions really differ here
+
+
+def lm_head_rows(trainer):
+    """Record the number of positions of every lm_head call (forward and backward recomputation)."""
+    from phi3_lora.loss import output_head
+    rows = []
+    output_head(trainer.model).register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
+    return rows
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chunked_cross_entropy_matches_whole_logits(tmp_path, packing):
+    """loss_chunk_size: same loss and gradients, and lm_head never sees more than a chunk of positions."""
+    settings = ["training.per_device_batch_size=4", "training.gradient_accumulation_steps=2",
+                f"data.packing={str(packing).lower()}"]
+    whole_trainer = fresh_trainer(tmp_path / "whole", *settings)
+    whole_rows = lm_head_rows(whole_trainer)
+    whole, loss_whole, batches = first_step_gradients(whole_trainer)
+    chunked_trainer = fresh_trainer(tmp_path / "chunked", *settings, "training.loss_chunk_size=50")
+    chunked_rows = lm_head_rows(chunked_trainer)
+    chunked, loss_chunked, _ = first_step_gradients(chunked_trainer)
+
+    assert loss_chunked == pytest.approx(loss_whole, rel=1e-6)
+    assert whole.keys() == chunked.keys() and len(whole) > 0
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+    from phi3_lora.loss import supervised_tokens
+    positions = sum(b["input_ids"].numel() for b in batches)
+    supervised = sum(supervised_tokens(b) for b in batches)
+    assert max(whole_rows) > 50 and sum(whole_rows) == positions  # the reference: every position at once
+    assert max(chunked_rows) == 50  # forward and its recomputation in backward, a chunk at a time
+    real = [n for n in chunked_rows if n]  # the model's own lm_head call sees zero positions
+    assert sum(real) == 2 * supervised  # each supervised position twice (forward, recomputation), no other
+
+
+def test_compiled_layers_train_like_eager_ones(tmp_path):
+    """training.compile: the same losses and adapter as eager (2 steps, fixed shapes: one compilation)."""
+    from safetensors.torch import load_file
+    runs = {}
+    for compiled in ("false", "true"):
+        out = tmp_path / compiled
+        trainer = fresh_trainer(out, "data.max_seq_len=64", "training.per_device_batch_size=2",
+                                "training.max_steps=2", f"training.compile={compiled}")
+        layers = [m for m in trainer.model.modules() if type(m).__name__ == "Phi3DecoderLayer"]
+        assert len(layers) == 2 and all((m._compiled_call_impl is not None) == (compiled == "true") for m in layers)
+        summary = trainer.train()
+        runs[compiled] = ([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()],
+                          load_file(out / "adapter" / "adapter_model.safetensors"), summary)
+    (eager_losses, eager, _), (losses, compiled, summary) = runs["false"], runs["true"]
+    assert summary["examples_truncated"] > 0  # every row 64 tokens: one shape, one compilation
+    assert losses == pytest.approx(eager_losses, rel=1e-5) and len(losses) == 2
+    assert compiled.keys() == eager.keys() and len(eager) > 0  # names unchanged: no _orig_mod. prefix
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -21,7 +21,8 @@ SMALL = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3, "n
 SETTINGS = ["model.dtype=bfloat16", "model.load_in_4bit=true", "model.bnb_4bit_use_double_quant=true",
             "model.bnb_4bit_compute_dtype=bfloat16", "lora.r=32", "lora.target_modules=[qkv_proj,down_proj]",
             "lora.dropout=0.1", "training.optimizer=adamw_8bit", "training.per_device_batch_size=2",
-            "data.max_seq_len=128", "training.per_device_eval_batch_size=4", "training.gradient_checkpointing=true"]
+            "data.max_seq_len=128", "training.per_device_eval_batch_size=4", "training.gradient_checkpointing=true",
+            "training.loss_chunk_size=100"]
 
 
 @pytest.fixture
@@ -52,13 +53,17 @@ def by_hand(n_gpus=1, zero=0, checkpointing=True):
     per_token = 8 * 64 + 2 * (64 + 128 + 64 + 32 + 64) + 2 * (64 + 320 + 160 + 160) \
         + (3 * 64 + 2 * 32) + (3 * 160 + 2 * 32)      # 3424
     one_layer = per_token * tokens
+    chunked = zero != 3                               # the loss in chunks of 100 positions (whole under ZeRO-3)
     final = tokens * (4 * 64 + 2 * 64)                # final norm's fp32 copy and lm_head's input
+    final += tokens * 2 * 64 if chunked else 0        # the supervised positions' copy the chunks read
     kept = (3 * 2 * 64 * tokens if checkpointing else 3 * one_layer) + final
     working = tokens * 2 * (2 * 160 + 2 * 64) + 20480 * 2 + (2 * per_layer * 0.5 if zero == 3 else 0)
-    logits = tokens * 320 * 12
+    logits = (100 if chunked else tokens) * 320 * 12
     activations = kept + max(logits, (one_layer if checkpointing else 0) + working)
     training = weights + adapters + gradients + optimizer + activations
-    evaluation = weights + adapters + optimizer + 4 * 128 * (320 * (2 + 8) + 2 * (64 + 3 * 160)) + 20480 * 2
+    eval_logits = (100 if chunked else 4 * 128) * 320 * (2 + 8)
+    eval_rest = 4 * 128 * 2 * (64 + 3 * 160 + (64 if chunked else 0))
+    evaluation = weights + adapters + optimizer + eval_logits + eval_rest + 20480 * 2
     return dict(weights=weights, adapters=adapters, gradients=gradients, optimizer=optimizer,
                 activations=activations, training_peak=training, evaluation_peak=evaluation,
                 peak=max(training, evaluation), adapter_parameters=lora, base_parameters=linear + rest)

@@ -1,5 +1,6 @@
 """FLOP counting and MFU against hand-computed cases; telemetry scalars in a real run."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +44,12 @@ def test_telemetry_scalars_are_logged(tmp_path):
                 "step_optimizer_seconds"):
         assert entry[key] > 0, key
     assert "mfu" not in entry  # no peak FLOP/s for a CPU, so no made-up utilisation
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # packed rows of 2 x up to 256 tokens, 4 steps: every token goes through the model, the prompts unsupervised
+    assert summary["supervised_tokens"] < summary["tokens_this_run"] <= 4 * 2 * 256
+    assert summary["tokens_per_second_in_steps"] > summary["supervised_tokens_per_second"]
+    assert summary["mfu"] is None and summary["peak_memory_gb"] > 0.1
+    assert summary["step_forward_backward_seconds"] > summary["step_optimizer_seconds"] > 0
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert {"train/peak_memory_gb", "train/step_forward_backward_seconds",

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from phi3_lora.config import load_config
 from phi3_lora.data import IGNORE_INDEX, Collator, TrainItems, build_datasets, use_chat_template
 from phi3_lora.lora import attach_lora
-from phi3_lora.loop import long_context_threshold, token_loss_sum
+from phi3_lora.loop import long_context_threshold
+from phi3_lora.loss import token_loss_sum
 from phi3_lora.model import load_model, load_tokenizer
 
 

@@ -98,7 +98,7 @@ def test_gradients_still_flow_through_4bit_layers_after_an_evaluation():
 
 
 def _eval_loss_and_logits(model, batch):
-    from phi3_lora.loop import supervised_tokens, token_loss_sum
+    from phi3_lora.loss import supervised_tokens, token_loss_sum
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return float(token_loss_sum(model, batch)) / supervised_tokens(batch), logits
