@@ -7,19 +7,21 @@
 #   SHAPE=phi3-mini         or tiny: the same plumbing on the CPU with a tiny model (no GPU figures)
 #   SEQS="2048 4096"        the short and the long sequence length ("128 256" with SHAPE=tiny)
 #   WARMUP=3 STEPS=10       untimed, then timed optimizer steps of every run
-#   RESULTS=benchmarks/results   the report's JSON, and runs/LABEL.{json,log} of each run
-#   MODEL_DIR=/tmp/phi3-lora-bench/model-$SHAPE   the random model (7.6 GB for phi3-mini), reused when there
-#   RUN_TIMEOUT=300         seconds one run may take before it is stopped (it then counts as failed)
-# A failed run is reported, the others still run; the script then exits non-zero.
+#   RESULTS=benchmarks/results   where the report's JSON goes (every run's figures are in it)
+#   WORK=/tmp/phi3-lora-bench    the random model (model-$SHAPE, 7.6 GB for phi3-mini, reused when there;
+#                           MODEL_DIR overrides) and each run's figures, log and outputs (runs/LABEL*)
+#   RUN_TIMEOUT=180         seconds one run may take before it is stopped (it then counts as failed)
+# A failed run is reported with the end of its log, the others still run; the script then exits non-zero.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 SHAPE=${SHAPE:-phi3-mini}
 RESULTS=${RESULTS:-benchmarks/results}
-MODEL_DIR=${MODEL_DIR:-${TMPDIR:-/tmp}/phi3-lora-bench/model-$SHAPE}
+WORK=${WORK:-${TMPDIR:-/tmp}/phi3-lora-bench}
+MODEL_DIR=${MODEL_DIR:-$WORK/model-$SHAPE}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-10}
-RUN_TIMEOUT=${RUN_TIMEOUT:-300}
+RUN_TIMEOUT=${RUN_TIMEOUT:-180}
 if [ "$SHAPE" = tiny ]; then SEQS=${SEQS:-"128 256"}; else SEQS=${SEQS:-"2048 4096"}; fi
 read -r SHORT LONG MORE <<< "$SEQS" || true
 if [ -z "${LONG:-}" ] || [ -n "${MORE:-}" ]; then
@@ -28,7 +30,7 @@ if [ -z "${LONG:-}" ] || [ -n "${MORE:-}" ]; then
 fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-mkdir -p "$RESULTS/runs"
+mkdir -p "$RESULTS" "$WORK/runs"
 BENCH_START=$SECONDS
 RESULT_FILES=()
 FAILED=()
@@ -39,11 +41,11 @@ make_model() {
 }
 
 # bench SIDE LABEL RECIPE SEQ [KEY=VALUE ...]: one run of SIDE (ours or trl), its figures in
-# $RESULTS/runs/LABEL.json and its output in $RESULTS/runs/LABEL.log.
+# $WORK/runs/LABEL.json, its output in $WORK/runs/LABEL.log.
 bench() {
     local side=$1 label=$2 recipe=$3 seq=$4 rc
     shift 4
-    local out="$RESULTS/runs/$label"
+    local out="$WORK/runs/$label"
     echo "=== $label: $side, seq $seq, $WARMUP+$STEPS steps${*:+, $*} [$((SECONDS - BENCH_START))s]"
     rm -f "$out.json"
     if timeout -k 15 "$RUN_TIMEOUT" "$PYTHON" benchmarks/gpu_bench.py "$side" --model "$MODEL_DIR" --recipe "$recipe" \
@@ -68,7 +70,7 @@ report() {
     "$PYTHON" benchmarks/gpu_bench.py report "${RESULT_FILES[@]}" --goals "$1" --json "$2"
     echo "total: $((SECONDS - BENCH_START))s"
     if [ ${#FAILED[@]} -gt 0 ]; then
-        echo "failed runs: ${FAILED[*]} (see $RESULTS/runs/LABEL.log)" >&2
+        echo "failed runs: ${FAILED[*]} (see $WORK/runs/LABEL.log)" >&2
         exit 1
     fi
 }

@@ -14,7 +14,7 @@
 # LoRA-bf16 is configs/phi3-mini-4k-lora.yaml at batch 1 with sdpa; trl's runs take every setting from the
 # same resolved config (see gpu_bench.py). EXTRA_RUNS adds, per "LABEL: KEY=VALUE ..." entry (';' between
 # entries), the two ours-bf16 runs again with those overrides, labelled ours-bf16-L-LABEL and
-# ours-bf16-S-ckpt-LABEL. Other settings: see bench_lib.sh (WARMUP, STEPS, SEQS, RESULTS, MODEL_DIR...).
+# ours-bf16-S-ckpt-LABEL. Other settings: see bench_lib.sh (WARMUP, STEPS, SEQS, RESULTS, WORK...).
 #
 # Time on an H200 (16 cores), estimated (no GPU run yet), for the default 3 warm-up + 10 timed steps:
 #   make-model  ~20 s: imports ~6 s; 3.8B parameters initialised in bf16 on the GPU, ~2 s; 7.6 GB

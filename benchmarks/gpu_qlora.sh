@@ -11,7 +11,7 @@
 # Needs one CUDA GPU with >= 24 GB (the LoRA-bf16 runs hold the 7.6 GB bf16 base) and bitsandbytes
 # (pip install -e '.[qlora]'). About 3 minutes on an H200 (see gpu_bench.sh for the phases): ~20 s to
 # build and save the random model, then four runs of 3 warm-up + 10 timed steps, each in its own process
-# so that every peak is its own. Settings (SEQS, STEPS, RESULTS, MODEL_DIR...): see bench_lib.sh.
+# so that every peak is its own. Settings (SEQS, STEPS, RESULTS, WORK...): see bench_lib.sh.
 set -euo pipefail
 source "$(dirname "$0")/bench_lib.sh"
 
