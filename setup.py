@@ -27,6 +27,7 @@ setup(
     extras_require={
         "qlora": ["bitsandbytes>=0.45"],
         "deepspeed": ["deepspeed>=0.16"],
+        "bench": ["trl>=0.20", "bitsandbytes>=0.45"],  # benchmarks/: trl's SFTTrainer side, QLoRA runs
         "dev": ["pytest>=8", "bitsandbytes>=0.45", "deepspeed>=0.16", "trl>=0.20"],
     },
 )

@@ -1,0 +1,543 @@
+"""Our loop and trl's SFTTrainer on one GPU: tokens/s, MFU, peak memory and final loss of each run.
+
+Driven by ``benchmarks/gpu_bench.sh`` (issue 8: LoRA-bf16 and QLoRA, ours next to trl) and
+``benchmarks/gpu_qlora.sh`` (issue 4: QLoRA's peak next to the estimator's); read those first. Each
+run is one process, so that each peak is its own:
+
+    python benchmarks/gpu_bench.py make-model --dir DIR [--shape phi3-mini|tiny] [--require trl bitsandbytes]
+        a randomly initialised Phi-3-mini of the real shape (speed and memory do not depend on the
+        weights' values; no download), built in bf16 directly on the GPU, saved with the byte-level
+        tokenizer of phi3_lora.tiny; reused when DIR already holds it. Fails at once, saying what to
+        install, when CUDA (for the real shape) or a package the runs need is missing.
+    python benchmarks/gpu_bench.py ours --model DIR --recipe YAML --seq 4096 --label NAME --out r.json \\
+            [--warmup 3] [--steps 10] [--set KEY=VALUE ...]
+        our loop (phi3_lora.loop.Trainer) with the recipe, the benchmark's settings below, then --set
+    python benchmarks/gpu_bench.py trl ...same arguments...
+        trl's SFTTrainer + peft with the settings of the same resolved config (unquantized base only)
+    python benchmarks/gpu_bench.py report r1.json r2.json ... --goals issue8 --json gpu_bench.json
+        the table, the goals of issue 8 (or issue4) checked, one JSON with device, versions and date
+
+Measured the same way on both sides:
+
+* the work: batch 1, no accumulation, every row exactly ``--seq`` tokens after the chat template
+  (synthetic conversations longer than that, truncated; checked, and a digest of the rows is kept
+  so both sides can be shown to train on the same tokens), every token supervised (ours with
+  ``data.train_on_prompt=true``, trl's default for conversations): seq - 1 targets a step. trl gets
+  its LoRA (``phi3_lora.lora.peft_config``), learning rate, schedule, optimizer, seed, gradient
+  checkpointing (non-reentrant), attention kernel and dtype from the same resolved config as ours.
+* tokens/s: the tokens of the timed steps over their wall time. The clock is read at the start and
+  the end of each optimizer step after ``torch.cuda.synchronize`` (our ``Trainer.train_step``, trl's
+  ``on_step_begin``/``on_step_end``); the timed wall time runs from the end of the last of the
+  ``--warmup`` untimed steps to the end of the last step, so it includes what happens between steps
+  (batching, logging). ``in_step_fraction`` says how much of it was inside the steps.
+* MFU: ``phi3_lora.metrics.train_flops_per_token`` (4 N for the frozen matmuls, 6 N for the
+  adapters, causal attention) at ``--seq`` against the device's dense bf16 peak; none where the
+  peak is unknown (the CPU).
+* peak memory: ``torch.cuda.max_memory_allocated`` from the end of loading (base, adapters) to the
+  end of training (bitsandbytes' paged optimizer states live in CUDA managed memory outside
+  PyTorch's allocator and are not in it); on the CPU the process's peak RSS, loading included
+  (``phi3_lora.metrics.peak_memory_gb``), a plumbing figure only.
+* final loss: the training loss of the last step (both sides log every step).
+
+Our runs also keep the estimator's prediction (``estimate_gb``, ``phi3_lora.memory``) and the loop's own
+telemetry (``loop_tokens_per_second``: the median of ``metrics.jsonl``'s total tokens/s over the timed
+steps), as cross-checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# What the runs import, by module name -> the distribution pip installs it from.
+REQUIRED = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "peft": "peft",
+            "datasets": "datasets", "safetensors": "safetensors", "tensorboard": "tensorboard",
+            "loralib": "loralib", "yaml": "pyyaml", "tqdm": "tqdm"}
+OPTIONAL = {"trl": "trl", "bitsandbytes": "bitsandbytes"}  # asked for with make-model --require
+VERSIONS = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets")
+IGNORE_INDEX = -100
+
+# Issue 8 (LoRA-bf16 speed and memory, against trl) and issue 4 (QLoRA memory and the estimator).
+ISSUE8 = {"mfu": 0.40, "mfu_seq": 4096, "peak_gb": 10.5, "peak_seq": 2048, "speedup": 1.3}
+ISSUE4 = {"qlora_peak_gb": {2048: 5.5, 4096: 6.5}, "qlora_vs_bf16": 0.8, "estimate_error": 0.15}
+
+
+# ----------------------------------------------------------------------------- the model and the data
+
+def make_model(args) -> None:
+    missing = sorted({dist for module, dist in {**REQUIRED, **{m: OPTIONAL[m] for m in args.require}}.items()
+                      if importlib.util.find_spec(module) is None})
+    if missing:
+        raise SystemExit(f"missing Python packages: {', '.join(missing)} — install them with "
+                         "pip install -e '.[bench]' (on a machine without internet, carry their wheels)")
+    import torch
+
+    from phi3_lora.checkpoint import atomic_directory
+    from phi3_lora.tiny import tiny_tokenizer
+    from transformers import Phi3ForCausalLM
+
+    if args.shape != "tiny" and not torch.cuda.is_available():
+        raise SystemExit(f"no CUDA GPU here: the {args.shape} benchmark needs one (SHAPE=tiny runs the same "
+                         "plumbing on the CPU with a tiny model)")
+    config = model_config(args.shape)
+    directory = Path(args.dir)
+    if is_built(directory, config):
+        print(f"reusing the random {args.shape} model in {directory}")
+        return
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # initialised directly in bf16 on the GPU: seconds, not minutes on the CPU
+        model = Phi3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    with atomic_directory(directory) as tmp:  # an interrupted build is never mistaken for a whole one
+        model.save_pretrained(tmp)
+        tiny_tokenizer().save_pretrained(tmp)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"random {args.shape} ({params / 1e6:,.1f}M parameters, bf16) built on {device} and saved to {directory} "
+          f"in {time.perf_counter() - start:.0f}s")
+
+
+def model_config(shape: str):
+    """Phi3Config of Phi-3-mini-4k-instruct (from phi3_lora.architectures), or of a tiny model."""
+    from phi3_lora.architectures import known_shape
+    from phi3_lora.tiny import tiny_phi3_config, tiny_tokenizer
+    from transformers import Phi3Config
+
+    if shape == "tiny":
+        return tiny_phi3_config(tiny_tokenizer(), hidden=64)
+    s = known_shape("microsoft/Phi-3-mini-4k-instruct")
+    return Phi3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                      num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+                      num_key_value_heads=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
+                      original_max_position_embeddings=s.original_max_position_embeddings, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+                      sliding_window=2047, use_cache=False)
+
+
+def is_built(directory: Path, config) -> bool:
+    if not (directory / "config.json").is_file() or not (directory / "tokenizer_config.json").is_file():
+        return False
+    saved = json.loads((directory / "config.json").read_text())
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return all(saved.get(k) == getattr(config, k) for k in keys)
+
+
+def write_long_chats(path: Path, seq: int, count: int) -> None:
+    """Conversations whose assistant turn alone exceeds ``seq`` tokens (byte-level tokenizer: one a byte)."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly vex the jumping frog".split()
+    rows = []
+    for k in range(count):
+        text = " ".join(words[(k + j) % len(words)] for j in range(seq // 3))
+        rows.append({"messages": [{"role": "user", "content": f"Tell me a long story, number {k}."},
+                                  {"role": "assistant", "content": text}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def bench_config(args, work: Path):
+    """The resolved config of a run: the recipe, then the benchmark's settings, then ``--set``.
+
+    On the CPU the weights and 4-bit compute are float32 whatever the recipe says (bf16 matmuls are
+    emulated there).
+    """
+    import torch
+
+    from phi3_lora.config import load_config
+
+    data = work / "long_chats.jsonl"
+    write_long_chats(data, args.seq, count=args.warmup + args.steps + 2)
+    settings = [f"model.name_or_path={args.model}", "model.tokenizer=null", "model.attn_implementation=sdpa",
+                f"data.path={data}", "data.split=train", "data.eval_path=null", "data.eval_split=null",
+                "data.eval_size=0", f"data.max_seq_len={args.seq}", "data.train_on_prompt=true", "data.packing=false",
+                "data.group_by_length=false", "training.per_device_batch_size=1",
+                "training.per_device_eval_batch_size=1", "training.gradient_accumulation_steps=1",
+                f"training.max_steps={args.warmup + args.steps}", "training.warmup_steps=1",
+                "training.logging_steps=1", "training.eval_steps=0", "training.save_steps=0",
+                f"output_dir={work / 'run'}"]
+    cpu = [] if torch.cuda.is_available() else ["model.dtype=float32", "model.bnb_4bit_compute_dtype=float32"]
+    return load_config(args.recipe, settings + args.set + cpu)
+
+
+def describe_rows(input_ids: list[list[int]], labels: list[list[int]], seq: int) -> dict:
+    """Row count, supervised targets a row and a digest of the token ids (order-free) of the training rows."""
+    lengths = sorted({len(ids) for ids in input_ids})
+    if lengths != [seq]:
+        raise SystemExit(f"training rows of {lengths} tokens: the benchmark needs every row exactly {seq} tokens")
+    supervised = sorted({sum(label != IGNORE_INDEX for label in row[1:]) for row in labels})
+    digest = hashlib.sha256(json.dumps(sorted(input_ids)).encode()).hexdigest()[:16]
+    return {"rows": len(input_ids), "tokens_per_row": seq, "supervised_per_row": supervised, "rows_sha256": digest}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class StepClock:
+    """Clock readings at the start and end of each optimizer step, after the GPU has finished its work."""
+
+    def __init__(self):
+        self.begins: list[float] = []
+        self.ends: list[float] = []
+
+    def step_begin(self) -> None:
+        self.begins.append(_synchronized_now())
+
+    def step_end(self) -> None:
+        self.ends.append(_synchronized_now())
+
+    def figures(self, warmup: int, tokens: list[int]) -> dict:
+        """Throughput of the steps after the first ``warmup``; ``tokens`` holds each step's tokens."""
+        if len(self.ends) <= warmup or len(tokens) != len(self.ends):
+            raise SystemExit(f"{len(self.ends)} steps timed ({len(tokens)} counted): too few for {warmup} "
+                             "warm-up steps")
+        wall = self.ends[-1] - self.ends[warmup - 1]
+        inside = sum(end - begin for begin, end in zip(self.begins[warmup:], self.ends[warmup:]))
+        timed_tokens = sum(tokens[warmup:])
+        return {"warmup_steps": warmup, "timed_steps": len(self.ends) - warmup, "timed_tokens": timed_tokens,
+                "timed_seconds": wall, "tokens_per_second": timed_tokens / wall, "in_step_fraction": inside / wall,
+                "step_seconds": [round(b - a, 6) for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:])]}
+
+
+def _synchronized_now() -> float:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class PeakMemory:
+    """The training peak: CUDA's allocator peak is reset once the model is loaded (its load peak kept)."""
+
+    def loaded(self) -> None:
+        import torch
+        self.load_peak_gb = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.load_peak_gb = torch.cuda.max_memory_allocated() / 1e9
+            torch.cuda.reset_peak_memory_stats()
+
+    def figures(self) -> dict:
+        import torch
+
+        from phi3_lora.metrics import peak_memory_gb
+        cuda = torch.cuda.is_available()
+        return {"peak_memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss", "peak_gb": peak_memory_gb(),
+                "reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,
+                "load_peak_gb": self.load_peak_gb}
+
+
+def write_result(args, side: str, cfg, model_config, adapter_parameters: int, timing: dict, memory: dict,
+                 final_loss: float | None, rows: dict, **extra) -> dict:
+    """One run's figures (the fields every run has, then ``extra``) to ``--out``; printed too."""
+    import torch
+
+    from phi3_lora.metrics import mfu, peak_flops, train_flops_per_token
+    from phi3_lora.model import resolve_dtype
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    flops = train_flops_per_token(model_config, args.seq, adapter_parameters)
+    result = {"label": args.label, "side": side, "mode": "qlora" if cfg.model.load_in_4bit else "lora_bf16",
+              "seq": args.seq, "gradient_checkpointing": cfg.training.gradient_checkpointing,
+              "recipe": str(args.recipe), "overrides": args.set, "device": device,
+              "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
+              "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer, **timing,
+              "flops_per_token": flops, "mfu": mfu(timing["tokens_per_second"], flops, peak_flops(device)),
+              "adapter_parameters": adapter_parameters, **memory, "final_train_loss": final_loss, **rows, **extra}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.label}: {result['tokens_per_second']:.0f} tokens/s over {result['timed_steps']} steps, "
+          f"MFU {_percent(result['mfu'])}, peak {_number(result['peak_gb'], 2)} GB, final loss "
+          f"{_number(final_loss, 4)} -> {args.out}")
+    return result
+
+
+def fresh_work_dir(out: str) -> Path:
+    """``r.json``'s own directory ``r/`` (data, the run's outputs), emptied."""
+    work = Path(out).with_suffix("")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+def ours(args) -> None:
+    from phi3_lora.loop import Trainer
+    from phi3_lora.memory import estimate, model_shape
+
+    work = fresh_work_dir(args.out)
+    cfg = bench_config(args, work)
+    clock, tokens = StepClock(), []
+
+    class TimedTrainer(Trainer):
+        """Our Trainer with the benchmark's clock read around each optimizer step."""
+
+        def train_step(self, batches):
+            clock.step_begin()
+            loss_sum, supervised, all_tokens, grad_norm = super().train_step(batches)
+            clock.step_end()
+            tokens.append(all_tokens)
+            return loss_sum, supervised, all_tokens, grad_norm
+
+    trainer = TimedTrainer(cfg)
+    memory = PeakMemory()
+    memory.loaded()
+    summary = trainer.train()
+    measured = memory.figures()
+    predicted = estimate(cfg, model_shape(cfg)[0])
+    logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    loop_rates = [m["total_tokens_per_second"] for m in logged if m.get("step", 0) > args.warmup
+                  and "total_tokens_per_second" in m]
+    dataset = trainer.train_data.dataset
+    write_result(args, "ours", cfg, trainer.accelerator.unwrap_model(trainer.model).config, trainer.trainable_params,
+                 clock.figures(args.warmup, tokens), measured, summary["final_train_loss"],
+                 describe_rows(dataset["input_ids"], dataset["labels"], args.seq),
+                 estimate_gb=(predicted.peak if trainer.eval_data is not None else predicted.training_peak) / 1e9,
+                 estimate_parts_gb={k: getattr(predicted, k) / 1e9 for k in
+                                    ("weights", "adapters", "gradients", "optimizer", "activations", "logits")},
+                 loop_tokens_per_second=statistics.median(loop_rates) if loop_rates else None)
+
+
+def trl(args) -> None:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from phi3_lora.lora import parameter_counts, peft_config
+    from phi3_lora.model import resolve_attention, resolve_dtype
+
+    work = fresh_work_dir(args.out)
+    cfg = bench_config(args, work)
+    m, t = cfg.model, cfg.training
+    if m.load_in_4bit or m.load_in_8bit or cfg.lora.backend != "peft":
+        raise SystemExit("the trl side runs peft LoRA on an unquantized base only")
+    clock = StepClock()
+
+    class Clock(TrainerCallback):
+        """The benchmark's clock read around each optimizer step, as in our TimedTrainer."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.step_begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_end()
+
+    dtype = resolve_dtype(m.dtype)
+    cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
+                                                 attn_implementation=resolve_attention(m.attn_implementation))
+    rows = [json.loads(line) for line in Path(cfg.data.path).read_text().splitlines()]
+    sft = SFTConfig(
+        output_dir=str(work / "run"), max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type="constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        optim="adamw_torch_fused" if t.optimizer == "adamw_torch" and cuda else t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not cuda, max_length=cfg.data.max_seq_len,
+        packing=False, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config(cfg.lora), callbacks=[Clock()])
+    memory = PeakMemory()
+    memory.loaded()
+    trainer.train()
+    measured = memory.figures()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    seen = [0] + [int(e["num_tokens"]) for e in logged]  # trl's own running count of the tokens trained on
+    trainable, _ = parameter_counts(trainer.model)
+    write_result(args, "trl", cfg, trainer.model.config, trainable,
+                 clock.figures(args.warmup, [b - a for a, b in zip(seen, seen[1:])]), measured,
+                 logged[-1]["loss"] if logged else None,
+                 describe_rows(trainer.train_dataset["input_ids"], trainer.train_dataset["labels"], args.seq))
+
+
+# ----------------------------------------------------------------------------- the report
+
+def find(runs: list[dict], **fields) -> list[dict]:
+    return [r for r in runs if all(r.get(k) == v for k, v in fields.items())]
+
+
+def twin(runs: list[dict], run: dict, **fields) -> dict | None:
+    """The first run with ``fields`` on the same settings as ``run`` (sequence length, checkpointing)."""
+    found = find(runs, seq=run["seq"], gradient_checkpointing=run["gradient_checkpointing"], **fields)
+    return found[0] if found else None
+
+
+def trl_twin(runs: list[dict], run: dict) -> dict | None:
+    """trl's run on the settings of our ``run`` (LoRA on the same base)."""
+    return twin(runs, run, side="trl", mode=run["mode"]) if run["side"] == "ours" else None
+
+
+def speedup(runs: list[dict], run: dict) -> float | None:
+    twin = trl_twin(runs, run)
+    return run["tokens_per_second"] / twin["tokens_per_second"] if twin else None
+
+
+def goal(text: str, run: dict | None, value: str | None, met: bool | None) -> dict:
+    return {"goal": text, "run": run["label"] if run else None, "value": value, "met": met}
+
+
+def checked(text: str, runs: list[dict], check) -> list[dict]:
+    """``check(run)`` -> (value, met) for each of ``runs``, or one n/a line when none matches."""
+    if not runs:
+        return [goal(text, None, "no matching run", None)]
+    return [goal(text, r, *check(r)) for r in runs]
+
+
+def issue8_goals(runs: list[dict]) -> list[dict]:
+    """MFU at seq 4096 without checkpointing, peak at 2048 with it, and tokens/s against trl."""
+    g = ISSUE8
+
+    def peak(r):
+        on_gpu = r["peak_memory_kind"] == "cuda_max_allocated"
+        return f"{r['peak_gb']:.2f} GB", r["peak_gb"] <= g["peak_gb"] if on_gpu else None
+
+    def against_trl(r):
+        ratio = speedup(runs, r)
+        return f"{ratio:.2f}x (seq {r['seq']}, checkpointing {'on' if r['gradient_checkpointing'] else 'off'})", \
+            ratio >= g["speedup"]
+
+    return (checked(f"LoRA-bf16 MFU >= {g['mfu']:.0%} at seq {g['mfu_seq']} without checkpointing",
+                    find(runs, side="ours", mode="lora_bf16", seq=g["mfu_seq"], gradient_checkpointing=False),
+                    lambda r: (_percent(r["mfu"]), None if r["mfu"] is None else r["mfu"] >= g["mfu"]))
+            + checked(f"LoRA-bf16 peak <= {g['peak_gb']} GB at seq {g['peak_seq']}, batch 1, with checkpointing",
+                      find(runs, side="ours", mode="lora_bf16", seq=g["peak_seq"], gradient_checkpointing=True), peak)
+            + checked(f"LoRA-bf16 tokens/s >= {g['speedup']}x trl's on the same settings",
+                      [r for r in find(runs, side="ours", mode="lora_bf16") if trl_twin(runs, r)], against_trl))
+
+
+def issue4_goals(runs: list[dict]) -> list[dict]:
+    """QLoRA's peak, its throughput against LoRA-bf16, and the estimator's error."""
+    g = ISSUE4
+
+    def error(r):
+        e = (r["estimate_gb"] - r["peak_gb"]) / r["peak_gb"]
+        return f"{e:+.0%} ({r['mode']}, seq {r['seq']})", abs(e) <= g["estimate_error"]
+
+    def bf16_twin(q):
+        return twin(runs, q, side="ours", mode="lora_bf16")
+
+    def against_bf16(q):
+        ratio = q["tokens_per_second"] / bf16_twin(q)["tokens_per_second"]
+        return f"{ratio:.2f}x (seq {q['seq']})", ratio >= g["qlora_vs_bf16"]
+
+    checks = checked(f"estimate within {g['estimate_error']:.0%} of the measured peak",
+                     find(runs, side="ours", peak_memory_kind="cuda_max_allocated"), error)
+    for seq, limit in g["qlora_peak_gb"].items():
+        checks += checked(f"QLoRA peak <= {limit} GB at seq {seq}",
+                          find(runs, side="ours", mode="qlora", seq=seq, peak_memory_kind="cuda_max_allocated"),
+                          lambda r: (f"{r['peak_gb']:.2f} GB", r["peak_gb"] <= limit))
+    return checks + checked(f"QLoRA tokens/s >= {g['qlora_vs_bf16']}x LoRA-bf16's",
+                            [q for q in find(runs, side="ours", mode="qlora") if bf16_twin(q)], against_bf16)
+
+
+GOALS = {"issue8": issue8_goals, "issue4": issue4_goals}
+
+
+def _number(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def table(runs: list[dict]) -> list[str]:
+    columns = [  # header, width, cell
+        ("run", -26, lambda r: r["label"]), ("seq", 5, lambda r: str(r["seq"])),
+        ("ckpt", 5, lambda r: "yes" if r["gradient_checkpointing"] else "no"),
+        ("tokens/s", 9, lambda r: f"{r['tokens_per_second']:.0f}"),
+        ("x trl", 6, lambda r: _number(speedup(runs, r), 2)), ("MFU", 6, lambda r: _percent(r["mfu"])),
+        ("peak GB", 8, lambda r: _number(r["peak_gb"], 2)), ("reserved", 8, lambda r: _number(r["reserved_gb"], 2)),
+        ("estimate", 8, lambda r: _number(r.get("estimate_gb"), 2)),
+        ("final loss", 10, lambda r: _number(r["final_train_loss"], 4))]
+
+    def line(cells):
+        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, columns))
+    return [line([h for h, _, _ in columns])] + [line([cell(r) for _, _, cell in columns]) for r in runs]
+
+
+def versions() -> dict:
+    found = {"python": sys.version.split()[0]}
+    for name in VERSIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def report(args) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in args.results]
+    device = runs[0]["device"]
+    kind = ("torch.cuda.max_memory_allocated after loading" if device != "cpu"
+            else "peak RSS of the process on the CPU")
+    print(f"device: {device} · GB = 10^9 bytes · peak = {kind} · tokens/s over {runs[0]['timed_steps']} steps "
+          f"after {runs[0]['warmup_steps']} warm-up · x trl = tokens/s over trl's on the same settings")
+    print("\n".join(table(runs)))
+    checks = GOALS[args.goals](runs)
+    if device == "cpu":
+        print("  (a CPU plumbing run of a tiny model: these figures say nothing about the goals)")
+    for c in checks:
+        status = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
+        print(f"  [{status}] {c['goal']}: {' '.join(x for x in (c['run'], c['value']) if x)}")
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "versions": versions(), "goals_of": args.goals, "goals": checks, "runs": runs}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {args.json}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make-model", help="build (or reuse) the random model and check what the runs need")
+    make.add_argument("--dir", required=True)
+    make.add_argument("--shape", choices=("phi3-mini", "tiny"), default="phi3-mini")
+    make.add_argument("--require", nargs="*", choices=sorted(OPTIONAL), default=[])
+    for side in ("ours", "trl"):
+        run = sub.add_parser(side, help=f"one run of {'our loop' if side == 'ours' else 'trl SFTTrainer'}")
+        run.add_argument("--model", required=True, help="the directory make-model wrote")
+        run.add_argument("--recipe", required=True, help="a training recipe, e.g. configs/phi3-mini-4k-lora.yaml")
+        run.add_argument("--seq", type=positive, required=True, help="tokens in every row")
+        run.add_argument("--warmup", type=positive, default=3, help="untimed steps first")
+        run.add_argument("--steps", type=positive, default=10, help="timed steps")
+        run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
+        run.add_argument("--label", required=True)
+        run.add_argument("--out", required=True, help="the result JSON; its outputs go to the directory of its stem")
+    rep = sub.add_parser("report", help="the table and the goals of several runs")
+    rep.add_argument("results", nargs="+")
+    rep.add_argument("--goals", choices=sorted(GOALS), required=True)
+    rep.add_argument("--json", required=True)
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    {"make-model": make_model, "ours": ours, "trl": trl, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    from phi3_lora.cli import run_main
+    run_main(main)

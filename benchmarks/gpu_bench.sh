@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 8 on one GPU: our loop against trl's SFTTrainer (+ peft) on a randomly initialised Phi-3-mini of the
+# real shape (no download) — tokens/s, MFU, peak memory and final loss of LoRA-bf16 and QLoRA at seq 2048
+# and 4096, batch 1, each run in its own process. Writes benchmarks/results/gpu_bench.json.
+#
+#   bash benchmarks/gpu_bench.sh                                  # one CUDA GPU; pip install -e '.[bench]'
+#   SHAPE=tiny bash benchmarks/gpu_bench.sh                       # the same plumbing on the CPU, tiny model
+#   EXTRA_RUNS="chunked: training.loss_chunk_size=1024; compiled: training.compile=true" bash benchmarks/gpu_bench.sh
+#
+# The runs (S, L = the short and long of SEQS, 2048 and 4096):
+#   ours-bf16-L / trl-bf16-L             LoRA, bf16 base, no activation checkpointing   (the MFU goal)
+#   ours-bf16-S-ckpt / trl-bf16-S-ckpt   LoRA, bf16 base, activation checkpointing      (the memory goal)
+#   ours-qlora-S-ckpt, ours-qlora-L-ckpt the consumer QLoRA recipe (NF4, checkpointing, paged 8-bit AdamW)
+# LoRA-bf16 is configs/phi3-mini-4k-lora.yaml at batch 1 with sdpa; trl's runs take every setting from the
+# same resolved config (see gpu_bench.py). EXTRA_RUNS adds, per "LABEL: KEY=VALUE ..." entry (';' between
+# entries), the two ours-bf16 runs again with those overrides, labelled ours-bf16-L-LABEL and
+# ours-bf16-S-ckpt-LABEL. Other settings: see bench_lib.sh (WARMUP, STEPS, SEQS, RESULTS, WORK...).
+#
+# Time on an H200 (16 cores), estimated (no GPU run yet), for the default 3 warm-up + 10 timed steps:
+#   make-model  ~20 s: imports ~6 s; 3.8B parameters initialised in bf16 on the GPU, ~2 s; 7.6 GB
+#               copied to the host and written with fsync, ~10 s. Skipped when MODEL_DIR holds it.
+#   each run    process start + imports (torch, transformers, peft, accelerate, datasets) ~8 s, trl +4 s;
+#               loading 7.6 GB from the page cache to the GPU ~5 s; QLoRA quantizing 3.6B weights to
+#               NF4 on the GPU +5-10 s; 13 steps: a step is ~72 TFLOP at seq 4096 (17.5 GFLOP a token),
+#               ~0.2 s at 35% MFU, ~0.15 s at 2048 with recomputation, QLoRA ~2x slower, the first
+#               step ~3 s more (kernel selection): ~5-10 s; adapter save and exit ~2 s.
+#               => ~25 s a bf16 run, ~30 s a trl run, ~35 s a QLoRA run.
+#   report      ~2 s.
+#   total       ~20 + 2x25 + 2x30 + 2x35 + 2 = ~3.5 minutes, under 8 with twice that margin; each EXTRA_RUNS
+#               entry adds ~50 s (torch.compile: its compile time on top, ~1 minute a run).
+set -euo pipefail
+source "$(dirname "$0")/bench_lib.sh"
+
+# Read EXTRA_RUNS before anything runs: a malformed entry fails now, not after minutes of runs.
+labels=()
+overrides=()
+IFS=';' read -ra entries <<< "${EXTRA_RUNS:-}" || true
+for entry in "${entries[@]}"; do
+    [ -n "${entry// /}" ] || continue
+    name=$(echo "${entry%%:*}" | tr -d ' ')
+    if [[ $entry != *:* || ! $name =~ ^[A-Za-z0-9_.-]+$ || -z ${entry#*:} ]]; then
+        echo "EXTRA_RUNS: '$entry' is not 'LABEL: KEY=VALUE ...' (LABEL of letters, digits, '.', '_', '-')" >&2
+        exit 2
+    fi
+    labels+=("$name")
+    overrides+=("${entry#*:}")
+done
+
+make_model --require trl   # without bitsandbytes only the two QLoRA runs fail (and say so)
+LORA=configs/phi3-mini-4k-lora.yaml
+QLORA=configs/phi3-mini-4k-qlora-consumer.yaml
+bench ours "ours-bf16-$LONG" $LORA "$LONG" training.gradient_checkpointing=false
+bench trl "trl-bf16-$LONG" $LORA "$LONG" training.gradient_checkpointing=false
+bench ours "ours-bf16-$SHORT-ckpt" $LORA "$SHORT" training.gradient_checkpointing=true
+bench trl "trl-bf16-$SHORT-ckpt" $LORA "$SHORT" training.gradient_checkpointing=true
+bench ours "ours-qlora-$SHORT-ckpt" $QLORA "$SHORT"
+bench ours "ours-qlora-$LONG-ckpt" $QLORA "$LONG"
+for i in "${!labels[@]}"; do
+    read -ra extra <<< "${overrides[$i]}"
+    bench ours "ours-bf16-$LONG-${labels[$i]}" $LORA "$LONG" training.gradient_checkpointing=false "${extra[@]}"
+    bench ours "ours-bf16-$SHORT-ckpt-${labels[$i]}" $LORA "$SHORT" training.gradient_checkpointing=true "${extra[@]}"
+done
+report issue8 "$RESULTS/gpu_bench.json"
