@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_bench.sh                                  # one CUDA GPU; pip install -e '.[bench]'
 #   SHAPE=tiny bash benchmarks/gpu_bench.sh                       # the same plumbing on the CPU, tiny model
-#   EXTRA_RUNS="chunked: training.loss_chunk_size=1024; compiled: training.compile=true" bash benchmarks/gpu_bench.sh
+#   EXTRA_RUNS="whole-logits: training.loss_chunk_size=0; compiled: training.compile=true" bash benchmarks/gpu_bench.sh
 #
 # The runs (S, L = the short and long of SEQS, 2048 and 4096):
 #   ours-bf16-L / trl-bf16-L             LoRA, bf16 base, no activation checkpointing   (the MFU goal)

@@ -7,8 +7,9 @@ Two ways to compute the same number:
   ``tokens x 32064 x 4`` bytes (0.5 GB at 4,096 tokens) plus as much again for their gradient.
 - ``chunk_size=N``: the model stops at the last hidden state (``logits_to_keep`` = no position);
   only the supervised positions are kept, and ``lm_head`` + cross-entropy run over N of them at a
-  time under activation checkpointing, so logits exist for at most N tokens, in forward and in
-  backward (where each chunk's logits are recomputed: one more ``lm_head`` matmul per token).
+  time, each chunk's gradient for the hidden state computed in the same pass (``lm_head`` is
+  frozen), so logits exist for at most N tokens and are never recomputed: the same two ``lm_head``
+  matmuls a token as whole logits, none for unsupervised positions.
 
 Both give the same loss and gradients up to fp32 summation order (``tests/test_loss.py``).
 """
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
+from .config import ConfigError
 from .data import IGNORE_INDEX
 
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that makes lm_head see zero positions
@@ -50,22 +50,53 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
 
 def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
                           chunk_size: int) -> torch.Tensor:
-    """Sum of ``cross_entropy(head(hidden), targets)`` over rows, ``chunk_size`` rows at a time,
-    each chunk's logits freed after its loss and recomputed in backward."""
+    """Sum of ``cross_entropy(head(hidden), targets)`` over rows, ``chunk_size`` rows at a time.
+
+    ``head`` must be a frozen ``nn.Linear``, as Phi-3's lm_head is here (also under QLoRA, and LoRA
+    never targets it, see ``lora.check_targets``).
+    """
+    if type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters()):
+        raise ConfigError(f"training.loss_chunk_size needs a frozen linear lm_head, not {type(head).__name__}; "
+                          "set training.loss_chunk_size=0")
     if len(targets) == 0:  # 0, still attached to the graph: an empty micro-batch's backward must run too
         return hidden.sum().float()
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, len(targets), chunk_size):
-        part = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_head_cross_entropy, hidden[part], targets[part], head, use_reentrant=False)
-        else:  # evaluation: nothing is kept for a backward
-            total = total + _head_cross_entropy(hidden[part], targets[part], head)
-    return total
+    return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_size)
 
 
-def _head_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's logits in float32 (a function of its own so that tests can count the rows)."""
+    return F.linear(hidden, weight, bias).float()
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of ``cross_entropy(hidden @ weight.T + bias, targets)`` for a frozen head, chunk by chunk.
+
+    Forward computes, per chunk, the logits, the loss, and d loss / d hidden = (softmax - onehot) @
+    weight, as the backward of the whole-logits path would (float32 softmax, the product in the
+    weight's dtype); backward only scales that saved gradient. Two matmuls a token, as with whole
+    logits, and no logits survive their chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, len(targets), chunk_size):
+            part = slice(start, start + chunk_size)
+            logits, target = chunk_logits(hidden[part], weight, bias), targets[part]
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(target), device=target.device), target] -= 1
+                grad[part] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
 def output_head(model) -> torch.nn.Module:

@@ -70,37 +70,65 @@ def test_token_normalisation_is_not_a_mean_of_means(tmp_path):
     assert abs(mean_of_means - sum(sums) / sum(counts)) > 1e-4  # the two definitions really differ here
 
 
-def lm_head_rows(trainer):
-    """Record the number of positions of every lm_head call (forward and backward recomputation)."""
-    from phi3_lora.loss import output_head
-    rows = []
-    output_head(trainer.model).register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
-    return rows
+def lm_head_rows(trainer, monkeypatch):
+    """The number of positions of every lm_head module call and of every chunk of logits the loss computes."""
+    from phi3_lora import loss
+    module_rows, chunk_rows = [], []
+    loss.output_head(trainer.model).register_forward_hook(lambda m, i, o: module_rows.append(o.shape[:-1].numel()))
+    real = loss.chunk_logits
+
+    def counted(hidden, weight, bias):
+        chunk_rows.append(len(hidden))
+        return real(hidden, weight, bias)
+    monkeypatch.setattr(loss, "chunk_logits", counted)
+    return module_rows, chunk_rows
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_chunked_cross_entropy_matches_whole_logits(tmp_path, packing):
-    """loss_chunk_size: same loss and gradients, and lm_head never sees more than a chunk of positions."""
+def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packing):
+    """loss_chunk_size: same loss and gradients as whole logits, which never exist for more than a chunk."""
+    from phi3_lora.loss import supervised_tokens
     settings = ["training.per_device_batch_size=4", "training.gradient_accumulation_steps=2",
-                f"data.packing={str(packing).lower()}"]
-    whole_trainer = fresh_trainer(tmp_path / "whole", *settings)
-    whole_rows = lm_head_rows(whole_trainer)
-    whole, loss_whole, batches = first_step_gradients(whole_trainer)
-    chunked_trainer = fresh_trainer(tmp_path / "chunked", *settings, "training.loss_chunk_size=50")
-    chunked_rows = lm_head_rows(chunked_trainer)
+                f"data.packing={str(packing).lower()}", "training.loss_chunk_size=50"]
+    whole, loss_whole, batches = first_step_gradients(fresh_trainer(tmp_path / "whole", *settings,
+                                                                    "training.loss_chunk_size=0"))
+    chunked_trainer = fresh_trainer(tmp_path / "chunked", *settings)
+    module_rows, chunk_rows = lm_head_rows(chunked_trainer, monkeypatch)
     chunked, loss_chunked, _ = first_step_gradients(chunked_trainer)
 
     assert loss_chunked == pytest.approx(loss_whole, rel=1e-6)
     assert whole.keys() == chunked.keys() and len(whole) > 0
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
-    from phi3_lora.loss import supervised_tokens
-    positions = sum(b["input_ids"].numel() for b in batches)
     supervised = sum(supervised_tokens(b) for b in batches)
-    assert max(whole_rows) > 50 and sum(whole_rows) == positions  # the reference: every position at once
-    assert max(chunked_rows) == 50  # forward and its recomputation in backward, a chunk at a time
-    real = [n for n in chunked_rows if n]  # the model's own lm_head call sees zero positions
-    assert sum(real) == 2 * supervised  # each supervised position twice (forward, recomputation), no other
+    assert supervised > 2 * 50  # several chunks per micro-batch
+    # each supervised position once, a chunk at a time, never recomputed; the model's own lm_head sees none
+    assert max(chunk_rows) == 50 and sum(chunk_rows) == supervised
+    assert len(module_rows) == 2 and set(module_rows) == {0}
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_head_cross_entropy_against_autograd(dtype, tolerance):
+    """The hand-written gradient of FrozenHeadCrossEntropy is autograd's, in float32 and in bf16."""
+    from phi3_lora.loss import chunked_cross_entropy
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).to(dtype).requires_grad_(False)
+    hidden = torch.randn(37, 16, generator=gen).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    want = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want * 0.5, hidden)
+    got = chunked_cross_entropy(hidden, targets, head, chunk_size=10)
+    (got_grad,) = torch.autograd.grad(got * 0.5, hidden)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert got_grad.dtype == dtype and want_grad.abs().sum() > 0
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_chunked_loss_refuses_a_trainable_head():
+    from phi3_lora.config import ConfigError
+    from phi3_lora.loss import chunked_cross_entropy
+    with pytest.raises(ConfigError, match="training.loss_chunk_size needs a frozen linear lm_head"):
+        chunked_cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.nn.Linear(4, 5), 2)
 
 
 def test_compiled_layers_train_like_eager_ones(tmp_path):
