@@ -35,15 +35,16 @@ activations per token of one decoder layer, kept for backward (sdpa/flash attent
                                                        (no dropout: a r only), lora_A output
             kept: without checkpointing L A T, with it L a h T (each layer's input); both plus
             T (4h + a h) (the final norm's fp32 copy and lm_head's input), and T a h more with
-            a chunked loss (the supervised positions' copy its chunks read; at most T of them).
+            a chunked loss (the hidden states' gradient, computed with the loss, kept for backward).
             With checkpointing one layer's A T is recomputed during backward.
             backward working set: T a (2i + 2h) (gradients of the widest activations) plus one
             dequantized weight of the largest quantized layer, in a bytes (4/8-bit matmuls
             dequantize it for every call).
-            logits: R V (4 + 4 + 4) at the start of backward (fp32 log-softmax kept for backward,
-            its gradient, the fp32 logits' gradient); the forward's a + 8 bytes per logit are less.
-            R = T with whole logits; R = min(T, C) with ``training.loss_chunk_size`` C > 0 (not
-            under ZeRO-3, where the loop computes whole logits).
+            logits, whole (``training.loss_chunk_size`` 0, and always under ZeRO-3): T V (4 + 4 + 4)
+            at the start of backward (fp32 log-softmax kept for backward, its gradient, the fp32
+            logits' gradient); the forward's a + 8 bytes per logit are less. Chunked (C > 0):
+            min(T, C) V (a + 4 + a) during the forward (one chunk's logits, their fp32 copy turned
+            softmax in place, and that in a bytes for the gradient's matmul); nothing at backward.
             ZeRO-3 adds two gathered decoder layers (the current and the prefetched one) in storage
             bytes.
             peak (training) = weights + adapters + gradients + optimizer + kept
@@ -255,13 +256,13 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
         per_token += ((a + 1) * fan_in if lora.dropout > 0 else 0) + a * lora.r
     one_layer = per_token * tokens
     chunk = t.loss_chunk_size if zero_stage != 3 else 0  # ZeRO-3 runs use whole logits (loop.loss_chunk_size)
-    selected = a * h if chunk else 0  # the supervised positions' hidden states, copied for the chunks
+    selected = a * h if chunk else 0  # the hidden states' gradient, computed with the loss, kept for backward
     kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)
     quantized = m.load_in_4bit or m.load_in_8bit
     largest = max(fan_in * fan_out for fan_in, fan_out in layers.values())
     dequantized = largest * a if quantized else 0
     working = tokens * a * (2 * i + 2 * h) + dequantized + (2 * layer_storage if zero_stage == 3 else 0)
-    logits = (min(tokens, chunk) if chunk else tokens) * V * 12
+    logits = min(tokens, chunk) * V * (2 * a + 4) if chunk else tokens * V * 12
     eval_tokens = t.per_device_eval_batch_size * cfg.data.max_seq_len
     eval_logits = (min(eval_tokens, chunk) if chunk else eval_tokens) * V * (a + 8)
     evaluation = eval_logits + eval_tokens * a * (h + 3 * i + selected / a) + dequantized

@@ -55,10 +55,10 @@ def by_hand(n_gpus=1, zero=0, checkpointing=True):
     one_layer = per_token * tokens
     chunked = zero != 3                               # the loss in chunks of 100 positions (whole under ZeRO-3)
     final = tokens * (4 * 64 + 2 * 64)                # final norm's fp32 copy and lm_head's input
-    final += tokens * 2 * 64 if chunked else 0        # the supervised positions' copy the chunks read
+    final += tokens * 2 * 64 if chunked else 0        # the hidden states' gradient the chunked loss keeps
     kept = (3 * 2 * 64 * tokens if checkpointing else 3 * one_layer) + final
     working = tokens * 2 * (2 * 160 + 2 * 64) + 20480 * 2 + (2 * per_layer * 0.5 if zero == 3 else 0)
-    logits = (100 if chunked else tokens) * 320 * 12
+    logits = 100 * 320 * (2 + 4 + 2) if chunked else tokens * 320 * 12  # bf16 logits, fp32 softmax, bf16 copy
     activations = kept + max(logits, (one_layer if checkpointing else 0) + working)
     training = weights + adapters + gradients + optimizer + activations
     eval_logits = (100 if chunked else 4 * 128) * 320 * (2 + 8)
