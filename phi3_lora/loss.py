@@ -1,8 +1,8 @@
 """The training loss: the sum of next-token cross-entropies over the supervised tokens of a batch.
 
-Two ways to compute the same number:
+Two ways to compute the same number, chosen by ``training.loss_chunk_size`` (1024 by default):
 
-- ``chunk_size=0`` (the default): the model returns logits for every position, as Hugging Face
+- ``chunk_size=0``: the model returns logits for every position, as Hugging Face
   does; cross-entropy upcasts them to fp32. For Phi-3's 32,064-word vocabulary that is
   ``tokens x 32064 x 4`` bytes (0.5 GB at 4,096 tokens) plus as much again for their gradient.
 - ``chunk_size=N``: the model stops at the last hidden state (``logits_to_keep`` = no position);
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from .config import ConfigError
 from .data import IGNORE_INDEX
 
