@@ -40,8 +40,8 @@ make_model() {
     "$PYTHON" benchmarks/gpu_bench.py make-model --dir "$MODEL_DIR" --shape "$SHAPE" "$@"
 }
 
-# bench SIDE LABEL RECIPE SEQ [KEY=VALUE ...]: one run of SIDE (ours or trl), its figures in
-# $WORK/runs/LABEL.json, its output in $WORK/runs/LABEL.log.
+# [VARIANT=NAME] bench SIDE LABEL RECIPE SEQ [KEY=VALUE ...]: one run of SIDE (ours or trl), its figures in
+# $WORK/runs/LABEL.json, its output in $WORK/runs/LABEL.log; VARIANT names an extra run's overrides.
 bench() {
     local side=$1 label=$2 recipe=$3 seq=$4 rc
     shift 4
@@ -49,7 +49,8 @@ bench() {
     echo "=== $label: $side, seq $seq, $WARMUP+$STEPS steps${*:+, $*} [$((SECONDS - BENCH_START))s]"
     rm -f "$out.json"
     if timeout -k 15 "$RUN_TIMEOUT" "$PYTHON" benchmarks/gpu_bench.py "$side" --model "$MODEL_DIR" --recipe "$recipe" \
-            --seq "$seq" --warmup "$WARMUP" --steps "$STEPS" --label "$label" --out "$out.json" --set "$@" \
+            --seq "$seq" --warmup "$WARMUP" --steps "$STEPS" --label "$label" --out "$out.json" \
+            --variant "${VARIANT:-}" --set "$@" \
             > "$out.log" 2>&1; then
         tail -n 1 "$out.log"
         RESULT_FILES+=("$out.json")

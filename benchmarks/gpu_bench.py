@@ -247,7 +247,7 @@ def write_result(args, side: str, cfg, model_config, adapter_parameters: int, ti
     flops = train_flops_per_token(model_config, args.seq, adapter_parameters)
     result = {"label": args.label, "side": side, "mode": "qlora" if cfg.model.load_in_4bit else "lora_bf16",
               "seq": args.seq, "gradient_checkpointing": cfg.training.gradient_checkpointing,
-              "recipe": str(args.recipe), "overrides": args.set, "device": device,
+              "recipe": str(args.recipe), "overrides": args.set, "variant": args.variant, "device": device,
               "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
               "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer, **timing,
               "flops_per_token": flops, "mfu": mfu(timing["tokens_per_second"], flops, peak_flops(device)),
@@ -380,6 +380,11 @@ def trl_twin(runs: list[dict], run: dict) -> dict | None:
     return twin(runs, run, side="trl", mode=run["mode"]) if run["side"] == "ours" else None
 
 
+def plain_twin(runs: list[dict], run: dict) -> dict | None:
+    """Our run without a variant on the settings of the variant ``run``."""
+    return twin(runs, run, side="ours", mode=run["mode"], variant="") if run.get("variant") else None
+
+
 def speedup(runs: list[dict], run: dict) -> float | None:
     twin = trl_twin(runs, run)
     return run["tokens_per_second"] / twin["tokens_per_second"] if twin else None
@@ -410,12 +415,15 @@ def issue8_goals(runs: list[dict]) -> list[dict]:
             ratio >= g["speedup"]
 
     return (checked(f"LoRA-bf16 MFU >= {g['mfu']:.0%} at seq {g['mfu_seq']} without checkpointing",
-                    find(runs, side="ours", mode="lora_bf16", seq=g["mfu_seq"], gradient_checkpointing=False),
+                    find(runs, side="ours", mode="lora_bf16", seq=g["mfu_seq"], gradient_checkpointing=False,
+                         variant=""),
                     lambda r: (_percent(r["mfu"]), None if r["mfu"] is None else r["mfu"] >= g["mfu"]))
             + checked(f"LoRA-bf16 peak <= {g['peak_gb']} GB at seq {g['peak_seq']}, batch 1, with checkpointing",
-                      find(runs, side="ours", mode="lora_bf16", seq=g["peak_seq"], gradient_checkpointing=True), peak)
+                      find(runs, side="ours", mode="lora_bf16", seq=g["peak_seq"], gradient_checkpointing=True,
+                           variant=""), peak)
             + checked(f"LoRA-bf16 tokens/s >= {g['speedup']}x trl's on the same settings",
-                      [r for r in find(runs, side="ours", mode="lora_bf16") if trl_twin(runs, r)], against_trl))
+                      [r for r in find(runs, side="ours", mode="lora_bf16", variant="") if trl_twin(runs, r)],
+                      against_trl))
 
 
 def issue4_goals(runs: list[dict]) -> list[dict]:
@@ -493,6 +501,14 @@ def report(args) -> None:
     for c in checks:
         status = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
         print(f"  [{status}] {c['goal']}: {' '.join(x for x in (c['run'], c['value']) if x)}")
+    for r in runs:  # each variant (a lever switched) against the same run without it
+        plain = plain_twin(runs, r)
+        if plain:
+            ratios = {"tokens_per_second": r["tokens_per_second"] / plain["tokens_per_second"],
+                      "peak_gb": r["peak_gb"] / plain["peak_gb"]}
+            r["vs_plain"] = {"run": plain["label"], **ratios}
+            print(f"  variant {r['label']} ({' '.join(r['overrides'])}): tokens/s {ratios['tokens_per_second']:.2f}x, "
+                  f"peak {ratios['peak_gb']:.2f}x of {plain['label']}")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device, "versions": versions(), "goals_of": args.goals, "goals": checks, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -525,6 +541,8 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument("--steps", type=positive, default=10, help="timed steps")
         run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
         run.add_argument("--label", required=True)
+        run.add_argument("--variant", default="", help="names the --set overrides of an extra run (EXTRA_RUNS); "
+                         "the goals are judged on runs without one, variants against their plain twin")
         run.add_argument("--out", required=True, help="the result JSON; its outputs go to the directory of its stem")
     rep = sub.add_parser("report", help="the table and the goals of several runs")
     rep.add_argument("results", nargs="+")
