@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E402
-from phi3_lora.loop import Trainer  # noqa: E402
 
 
 def main(argv=None):
     args = config_parser(__doc__).parse_args(argv)
     cfg = config_from_args(args)
+    from phi3_lora.loop import Trainer  # after the config is checked: --help and bad keys answer in a second
     trainer = Trainer(cfg)
     trainer.train()
 
