@@ -42,7 +42,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
         logits = model(**inputs, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    outputs = model(**inputs, use_cache=False, output_hidden_states=True,
+    # Only the last hidden state ([-1]; transformers >= 5.24 selects by index, older ones return all): under
+    # bf16/fp16 mixed precision accelerate casts every tensor the model returns to float32, and all 33 of
+    # Phi-3-mini's would cost 33 x 4 bytes a token and hidden unit (1.7 GB at 4,096 tokens) at the loss.
+    outputs = model(**inputs, use_cache=False, output_hidden_states=[-1],
                     logits_to_keep=NO_POSITIONS.to(targets.device))
     hidden = outputs.hidden_states[-1][:, :-1]  # after the final norm: what lm_head would see
     supervised = targets != IGNORE_INDEX

@@ -107,6 +107,29 @@ def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packi
     assert len(module_rows) == 2 and set(module_rows) == {0}
 
 
+def test_chunked_loss_asks_for_the_last_hidden_state_only_under_mixed_precision(tmp_path):
+    """bf16 autocast as on a GPU (accelerate's native AMP, here on the CPU): accelerate casts every tensor the
+    model returns to float32, so the chunked loss must get one hidden state back, not one per layer + 1."""
+    from phi3_lora.loss import token_loss_sum
+    trainer = fresh_trainer(tmp_path, "model.dtype=bfloat16", "training.mixed_precision=bf16", "model.tiny_layers=3")
+    assert trainer.accelerator.native_amp
+    returned = []
+    forward = trainer.model.forward  # accelerate's wrapper: autocast, then outputs cast to float32
+
+    def recording(**kwargs):
+        returned.append(forward(**kwargs))
+        return returned[-1]
+    trainer.model.forward = recording
+    batch = next(trainer._batches_of_epoch())[0]
+    with trainer.accelerator.autocast():
+        chunked = token_loss_sum(trainer.model, batch, chunk_size=7)
+        whole = token_loss_sum(trainer.model, batch, chunk_size=0)
+    states = returned[0].hidden_states
+    assert len(states) == 4 and [s is None for s in states] == [True, True, True, False]
+    assert states[-1].dtype == torch.float32  # accelerate's cast did run on what was returned
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-2)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_head_cross_entropy_against_autograd(dtype, tolerance):
     """The hand-written gradient of FrozenHeadCrossEntropy is autograd's, in float32 and in bf16."""
