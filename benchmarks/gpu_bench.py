@@ -82,6 +82,7 @@ def make_model(args) -> None:
     if missing:
         raise SystemExit(f"missing Python packages: {', '.join(missing)} — install them with "
                          "pip install -e '.[bench]' (on a machine without internet, carry their wheels)")
+    check_imports(sorted({*REQUIRED, *args.require}))
     import torch
 
     from phi3_lora.checkpoint import atomic_directory
@@ -107,6 +108,33 @@ def make_model(args) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"random {args.shape} ({params / 1e6:,.1f}M parameters, bf16) built on {device} and saved to {directory} "
           f"in {time.perf_counter() - start:.0f}s")
+
+
+def check_imports(modules: list[str]) -> None:
+    """Import each of ``modules`` now, and run bitsandbytes' 4-bit kernels once when it is one of them: an
+    installed package that cannot work (a dependency missing from a carried wheel, a CUDA library that does
+    not load) fails here in seconds, all of them in one message, not in every run after minutes."""
+    import importlib
+
+    broken = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # ImportError, or whatever a package raises while it initialises
+            broken.append(f"{module} ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''})")
+    if not broken and "bitsandbytes" in modules:
+        import bitsandbytes.functional as bnb
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            weight = torch.randn(64, 64, dtype=torch.bfloat16, device=device)
+            packed, state = bnb.quantize_4bit(weight, quant_type="nf4")
+            if not (bnb.dequantize_4bit(packed, state, quant_type="nf4") - weight).abs().max() < 0.5:
+                raise RuntimeError("an NF4 round trip of a random matrix is off by more than 0.5")
+        except Exception as err:
+            broken.append(f"bitsandbytes' 4-bit kernels on {device} ({type(err).__name__}: {err})")
+    if broken:
+        raise SystemExit(f"installed but not working: {'; '.join(broken)}")
 
 
 def model_config(shape: str):

@@ -81,6 +81,19 @@ def test_step_clock_times_the_steps_after_warmup():
         clock.figures(4, [10, 20, 20, 20])
 
 
+def test_make_model_names_every_package_that_does_not_import(tmp_path, monkeypatch):
+    """A carried wheel whose dependency is missing fails make-model at once, naming it (not each run later)."""
+    (tmp_path / "needs_httpx2.py").write_text("import httpx2_not_here\n")
+    (tmp_path / "raises_on_init.py").write_text("raise RuntimeError('libfoo.so.13: cannot open shared object')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        gpu_bench.check_imports(["json", "needs_httpx2", "raises_on_init"])
+    assert str(stop.value) == ("installed but not working: needs_httpx2 (ModuleNotFoundError: No module named "
+                               "'httpx2_not_here'); raises_on_init (RuntimeError: libfoo.so.13: cannot open shared "
+                               "object)")
+    gpu_bench.check_imports(["json", "bitsandbytes"])  # imports, and its NF4 round trip works here (on the CPU)
+
+
 def _run(label, side, mode, seq, ckpt, tokens_per_second, mfu=None, peak_gb=5.0, estimate_gb=None, variant=""):
     return {"label": label, "side": side, "mode": mode, "seq": seq, "gradient_checkpointing": ckpt,
             "tokens_per_second": tokens_per_second, "mfu": mfu, "peak_gb": peak_gb,
