@@ -121,7 +121,8 @@ def check_imports(modules: list[str]) -> None:
         try:
             importlib.import_module(module)
         except Exception as err:  # ImportError, or whatever a package raises while it initialises
-            broken.append(f"{module} ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''})")
+            last_line = (str(err).strip().splitlines() or [""])[-1]
+            broken.append(f"{module} ({type(err).__name__}: {last_line})")
     if not broken and "bitsandbytes" in modules:
         import bitsandbytes.functional as bnb
         import torch

@@ -175,9 +175,9 @@ class TrainingConfig:
                                            "step, save a checkpoint, exit with status 75 (requeue me).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward (non-reentrant).")
     loss_chunk_size: int = _field(1024, "Compute lm_head + cross-entropy over this many supervised tokens at a "
-                                  "time, recomputed in backward, so the 32,064-wide logits never exist for the "
-                                  "whole sequence; 0 = all positions at once, as Hugging Face does (and as "
-                                  "ZeRO-3 runs do).", minimum=0)
+                                  "time, with their gradient (never recomputed), so the 32,064-wide logits never "
+                                  "exist for the whole sequence; 0 = all positions at once, as Hugging Face does "
+                                  "(and as ZeRO-3 runs do).", minimum=0)
     compile: bool = _field(False, "torch.compile each decoder layer (in place: names and saved adapters unchanged); "
                            "the first steps pay the compilation.")
     mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, fp16 (with loss "

@@ -94,7 +94,7 @@ def long_context_threshold(model_config) -> int | None:
 
 def loss_chunk_size(cfg: Config, accelerator) -> int:
     """``training.loss_chunk_size``, or 0 under ZeRO-3: there lm_head is partitioned and gathered by
-    DeepSpeed's hooks only inside the model's forward (not when the chunks are recomputed in backward),
+    DeepSpeed's hooks only inside the model's forward (not in the chunk loop that runs after it),
     and each chunk would be a collective that processes with different token counts could not match."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
