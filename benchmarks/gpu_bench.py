@@ -66,7 +66,8 @@ REQUIRED = {"torch": "torch", "transformers": "transformers", "accelerate": "acc
             "datasets": "datasets", "safetensors": "safetensors", "tensorboard": "tensorboard",
             "loralib": "loralib", "yaml": "pyyaml", "tqdm": "tqdm"}
 OPTIONAL = {"trl": "trl", "bitsandbytes": "bitsandbytes"}  # asked for with make-model --require
-VERSIONS = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets")
+VERSIONS = ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets", "huggingface_hub",
+            "tokenizers", "pyarrow", "fsspec")
 IGNORE_INDEX = -100
 
 # Issue 8 (LoRA-bf16 speed and memory, against trl) and issue 4 (QLoRA memory and the estimator).
@@ -83,6 +84,7 @@ def make_model(args) -> None:
         raise SystemExit(f"missing Python packages: {', '.join(missing)} — install them with "
                          "pip install -e '.[bench]' (on a machine without internet, carry their wheels)")
     check_imports(sorted({*REQUIRED, *args.require}))
+    print("versions: " + ", ".join(f"{name} {version}" for name, version in versions().items()))
     import torch
 
     from phi3_lora.checkpoint import atomic_directory
