@@ -423,3 +423,10 @@ def help_text() -> str:
         extra = f" One of: {', '.join(choices)}." if choices else ""
         lines.append(f"  {key} = {default!r}\n      {f.metadata['help']}{extra}")
     return "\n".join(lines)
+
+
+def effective_chunk_size(requested: int, zero_stage: int) -> int:
+    """The chunk size a run uses: ``requested``, or 0 (whole logits) under ZeRO-3, where lm_head is
+    partitioned and gathered by DeepSpeed's hooks only inside the model's forward, and each chunk would
+    be a collective that processes with different token counts could not match."""
+    return 0 if zero_stage == 3 else requested

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
 from .lora import attach_lora, load_adapter_dir, parameter_counts, save_adapter, write_adapter
 from .metrics import (RunLog, Throughput, mfu, peak_flops, peak_memory_gb, train_flops_per_token,
@@ -93,16 +93,15 @@ def long_context_threshold(model_config) -> int | None:
 
 
 def loss_chunk_size(cfg: Config, accelerator) -> int:
-    """``training.loss_chunk_size``, or 0 under ZeRO-3: there lm_head is partitioned and gathered by
-    DeepSpeed's hooks only inside the model's forward (not in the chunk loop that runs after it),
-    and each chunk would be a collective that processes with different token counts could not match."""
+    """``training.loss_chunk_size`` as this run uses it (see ``config.effective_chunk_size``)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if cfg.training.loss_chunk_size and is_deepspeed_zero3_enabled():
+    requested = cfg.training.loss_chunk_size
+    chunk_size = effective_chunk_size(requested, 3 if is_deepspeed_zero3_enabled() else 0)
+    if chunk_size != requested:
         accelerator.print("training.loss_chunk_size: off under ZeRO-3 (lm_head is partitioned); "
                           "the loss is computed from whole logits")
-        return 0
-    return cfg.training.loss_chunk_size
+    return chunk_size
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
@@ -352,7 +351,7 @@ class Trainer:
         p.last_train_loss, p.window_loss_sum, p.window_tokens = loss, 0.0, 0
         supervised_rate, total_rate = window.rates()
         lr = self.scheduler.get_last_lr()[0]
-        utilisation = mfu(total_rate, self.flops_per_token, peak_flops(self._device_name()), self.accelerator.num_processes)
+        utilisation = self._mfu(total_rate)
         extra = {"mfu": utilisation} if utilisation is not None else {}
         self.log.train(self.progress.step, loss, lr, grad_norm, supervised_rate, total_tokens_per_second=total_rate,
                        peak_memory_gb=peak_memory_gb(), **window.step_time_parts(), **extra)
@@ -460,6 +459,11 @@ class Trainer:
     def _device_name(self) -> str:
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        """MFU of all processes at this rate of tokens through the model; None without a known peak."""
+        return mfu(tokens_per_second, self.flops_per_token, peak_flops(self._device_name()),
+                   self.accelerator.num_processes)
+
     @property
     def uses_deepspeed(self) -> bool:
         return self.accelerator.state.deepspeed_plugin is not None
@@ -470,8 +474,7 @@ class Trainer:
         adapter = self.save_adapter()
         step_parts = whole_run.step_time_parts()
         in_steps = whole_run.steps * sum(step_parts.values())  # training only: no evaluation, no saving
-        utilisation = mfu(whole_run.total / max(in_steps, 1e-9), self.flops_per_token,
-                          peak_flops(self._device_name()), acc.num_processes)
+        utilisation = self._mfu(whole_run.total / max(in_steps, 1e-9))
         summary = {
             "steps": p.step, "epochs_completed": p.epoch, "final_train_loss": p.last_train_loss,
             "first_eval_loss": p.eval_losses[0][1] if p.eval_losses else None,

@@ -48,7 +48,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
     outputs = model(**inputs, use_cache=False, output_hidden_states=[-1],
                     logits_to_keep=NO_POSITIONS.to(targets.device))
     hidden = outputs.hidden_states[-1][:, :-1]  # after the final norm: what lm_head would see
-    supervised = targets != IGNORE_INDEX
+    supervised = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # one device sync for both selections
     return chunked_cross_entropy(hidden[supervised], targets[supervised], output_head(model), chunk_size)
 
 

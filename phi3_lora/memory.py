@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import known_shape
-from .config import TINY_MODEL, Config, ConfigError
+from .config import TINY_MODEL, Config, ConfigError, effective_chunk_size
 
 GIB = 1024 ** 3
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -255,8 +255,8 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     for fan_in, _ in adapted.values():
         per_token += ((a + 1) * fan_in if lora.dropout > 0 else 0) + a * lora.r
     one_layer = per_token * tokens
-    chunk = t.loss_chunk_size if zero_stage != 3 else 0  # ZeRO-3 runs use whole logits (loop.loss_chunk_size)
-    selected = a * h if chunk else 0  # the hidden states' gradient, computed with the loss, kept for backward
+    chunk = effective_chunk_size(t.loss_chunk_size, zero_stage)
+    selected = a * h if chunk else 0  # the hidden states' gradient (training) or their copy (evaluation)
     kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)
     quantized = m.load_in_4bit or m.load_in_8bit
     largest = max(fan_in * fan_out for fan_in, fan_out in layers.values())
@@ -265,7 +265,7 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     logits = min(tokens, chunk) * V * (2 * a + 4) if chunk else tokens * V * 12
     eval_tokens = t.per_device_eval_batch_size * cfg.data.max_seq_len
     eval_logits = (min(eval_tokens, chunk) if chunk else eval_tokens) * V * (a + 8)
-    evaluation = eval_logits + eval_tokens * a * (h + 3 * i + selected / a) + dequantized
+    evaluation = eval_logits + eval_tokens * (a * (h + 3 * i) + selected) + dequantized
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer=opt, kept_activations=kept,
                     one_layer=one_layer, working_set=working, logits=logits, evaluation_activations=evaluation,
                     adapter_parameters=p_lora, base_parameters=p_lin + p_rest, checkpointing=ckpt)
