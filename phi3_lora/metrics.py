@@ -99,13 +99,24 @@ def train_flops_per_token(config, sequence_length: float, adapter_parameters: in
     * frozen matmuls: 2 N forward + 2 N backward (gradients of the activations only; the frozen
       weights get none) = 4 N, with N = ``matmul_parameters``;
     * adapters: 2 forward + 4 backward (activations and weights) = 6 N_adapter;
-    * attention scores and values (QK^T and AV): 2 matmuls x 2 d FLOPs per position, over s/2
-      positions on average under the causal mask = 2 s d forward per layer, 3x with backward =
-      6 s d L.
+    * attention scores and values (QK^T and AV): 2 matmuls x 2 d FLOPs per attended key, over
+      ``attended_keys`` keys on average (s/2 under the causal mask) = 4 d k forward per layer, 3x with
+      backward = 12 d k L (= 6 s d L without a sliding window).
     Activation checkpointing recomputes the forward; like MFU everywhere, that is not counted.
     """
-    attention = 6 * sequence_length * config.hidden_size * config.num_hidden_layers
+    keys = attended_keys(sequence_length, getattr(config, "sliding_window", None))
+    attention = 12 * keys * config.hidden_size * config.num_hidden_layers
     return 4 * matmul_parameters(config) + 6 * adapter_parameters + attention
+
+
+def attended_keys(sequence_length: float, sliding_window: int | None = None) -> float:
+    """Keys a query attends to, on average, in a causal sequence of ``sequence_length`` tokens: s/2, or with
+    a sliding window of w keys (Phi-3-mini-4k's 2047) the mean of min(position, w), w - w^2 / 2s once s > w.
+    Masked-out keys are not counted, even where a kernel computes them and throws them away."""
+    s, w = sequence_length, sliding_window
+    if not w or s <= w:
+        return s / 2
+    return w - w * w / (2 * s)
 
 
 def peak_flops(device_name: str) -> float | None:

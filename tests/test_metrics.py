@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import read_metrics, train
-from phi3_lora.metrics import matmul_parameters, mfu, peak_flops, train_flops_per_token
+from phi3_lora.metrics import attended_keys, matmul_parameters, mfu, peak_flops, train_flops_per_token
 
 
 def test_flops_of_a_small_gqa_model_by_hand():
@@ -19,6 +19,12 @@ def test_flops_of_a_small_gqa_model_by_hand():
     assert mfu(1e6, 6488, 1e12) == pytest.approx(6.488e-3)
     assert mfu(1e6, 6488, 1e12, devices=2) == pytest.approx(3.244e-3)
     assert mfu(1e6, 6488, None) is None
+    # a sliding window of 4 keys, counted continuously as s/2 is: the mean of min(x, 4) over x in [0, 10] is
+    # (4 * 4 / 2 + 6 * 4) / 10 = 3.2 keys; attention 12 * 3.2 * d(8) * L(2) = 614.4
+    config.sliding_window = 4
+    assert attended_keys(10, 4) == pytest.approx(3.2)
+    assert train_flops_per_token(config, sequence_length=10, adapter_parameters=100) == pytest.approx(6142.4)
+    assert attended_keys(4, 4) == attended_keys(4) == 2  # no key outside the window yet
 
 
 def test_phi3_mini_at_4096_matches_the_published_goal():
@@ -32,6 +38,11 @@ def test_phi3_mini_at_4096_matches_the_published_goal():
     assert flops == 4 * n + 6 * lora + 6 * 4096 * 3072 * 32
     tokens_per_second = 0.40 * peak_flops("NVIDIA H200") / flops
     assert tokens_per_second == pytest.approx(22.6e3, rel=0.01)
+    # the real config's sliding window (2047 keys) leaves a query 1535.5 keys on average at 4096, not 2048
+    config.sliding_window = 2047
+    windowed = train_flops_per_token(config, 4096, lora)
+    assert windowed == pytest.approx(4 * n + 6 * lora + 12 * 1535.5 * 3072 * 32)
+    assert 0.40 * peak_flops("NVIDIA H200") / windowed == pytest.approx(23.5e3, rel=0.01)
     assert peak_flops("cpu") is None
 
 
