@@ -127,7 +127,11 @@ def _from_pretrained(source: str, revision, dtype, attention: str, trust_remote_
 
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing: gradients reach adapters even though the inputs are frozen."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
 
 

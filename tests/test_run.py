@@ -103,6 +103,29 @@ def test_loss_goes_down_under_gradient_checkpointing(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2  # gradients flow through checkpointed blocks
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_checkpointing_recomputes_each_layer_once(checkpointing):
+    """With checkpointing on, each decoder layer's blocks run twice a step (once more in the backward). Counted
+    by wrapping ``forward``: a forward hook on the block fired once here, recomputation or not."""
+    from phi3_lora.config import load_config
+    from phi3_lora.lora import attach_lora
+    from phi3_lora.model import enable_gradient_checkpointing
+    from phi3_lora.tiny import tiny_phi3_config, tiny_phi3_model, tiny_tokenizer
+
+    model = tiny_phi3_model(tiny_phi3_config(tiny_tokenizer(), hidden=32))
+    model = attach_lora(model, load_config(None, []).lora, seed=0)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    calls = []
+    mlp = model.base_model.model.model.layers[1].mlp
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert len(calls) == (2 if checkpointing else 1)
+
+
 def bad_input_cases(tmp_path):
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     malformed = tmp_path / "malformed.jsonl"
