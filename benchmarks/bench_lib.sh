@@ -7,7 +7,10 @@
 #   SHAPE=phi3-mini         or tiny: the same plumbing on the CPU with a tiny model (no GPU figures)
 #   SEQS="2048 4096"        the short and the long sequence length ("128 256" with SHAPE=tiny)
 #   WARMUP=3 STEPS=10       untimed, then timed optimizer steps of every run
-#   RESULTS=benchmarks/results   where the report's JSON goes (every run's figures are in it)
+#   RESULTS=benchmarks/results   where the report's JSON goes (every run's figures are in it), and
+#                           NAME.runs.jsonl (NAME: the script's), each run's figures appended as it ends, so
+#                           that `gpu_bench.py report` can rebuild the report from what finished if the
+#                           script itself is stopped
 #   WORK=/tmp/phi3-lora-bench    the random model (model-$SHAPE, 7.6 GB for phi3-mini, reused when there;
 #                           MODEL_DIR overrides) and each run's figures, log and outputs (runs/LABEL*)
 #   RUN_TIMEOUT=180         seconds one run may take before it is stopped (it then counts as failed)
@@ -29,15 +32,28 @@ if [ -z "${LONG:-}" ] || [ -n "${MORE:-}" ]; then
     exit 2
 fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:True}  # set it empty for none
 mkdir -p "$RESULTS" "$WORK/runs"
+RUNS_JSONL="$RESULTS/$(basename "$0" .sh).runs.jsonl"
+: > "$RUNS_JSONL"
 BENCH_START=$SECONDS
 RESULT_FILES=()
 FAILED=()
+NO_PAGED=
 
 # make_model [--require trl bitsandbytes]: check CUDA and the packages, build or reuse the random model.
 make_model() {
     "$PYTHON" benchmarks/gpu_bench.py make-model --dir "$MODEL_DIR" --shape "$SHAPE" "$@"
+}
+
+# check_paged: bitsandbytes' paged optimizers keep large states in CUDA managed memory, which some GPU
+# sandboxes refuse or stall on. One step is tried first in its own process, under a timeout; if it fails,
+# every run after it replaces a paged optimizer by its unpaged twin (gpu_bench.py --no-paged), and says so.
+check_paged() {
+    if ! timeout -k 5 90 "$PYTHON" benchmarks/gpu_bench.py check-paged; then
+        NO_PAGED=1
+        echo "!!! bitsandbytes' paged optimizer failed here: runs use its unpaged twin (marked paged_replaced)"
+    fi
 }
 
 # [VARIANT=NAME] bench SIDE LABEL RECIPE SEQ [KEY=VALUE ...]: one run of SIDE (ours or trl), its figures in
@@ -50,10 +66,11 @@ bench() {
     rm -f "$out.json"
     if timeout -k 15 "$RUN_TIMEOUT" "$PYTHON" benchmarks/gpu_bench.py "$side" --model "$MODEL_DIR" --recipe "$recipe" \
             --seq "$seq" --warmup "$WARMUP" --steps "$STEPS" --label "$label" --out "$out.json" \
-            --variant "${VARIANT:-}" --set "$@" \
+            --variant "${VARIANT:-}" ${NO_PAGED:+--no-paged} --set "$@" \
             > "$out.log" 2>&1; then
         tail -n 1 "$out.log"
         RESULT_FILES+=("$out.json")
+        { tr -d '\n' < "$out.json"; echo; } >> "$RUNS_JSONL"  # one line: json.dumps escapes newlines in strings
     else
         rc=$?
         echo "!!! $label failed (exit $rc$([ $rc -eq 124 ] && echo ", stopped after RUN_TIMEOUT=${RUN_TIMEOUT}s")); the end of $out.log:"

@@ -9,13 +9,19 @@ run is one process, so that each peak is its own:
         weights' values; no download), built in bf16 directly on the GPU, saved with the byte-level
         tokenizer of phi3_lora.tiny; reused when DIR already holds it. Fails at once, saying what to
         install, when CUDA (for the real shape) or a package the runs need is missing.
+    python benchmarks/gpu_bench.py check-paged
+        one step of bitsandbytes' paged 8-bit AdamW with its states in CUDA managed memory, which some
+        GPU sandboxes refuse or stall on; bench_lib.sh runs it under a timeout and, if it fails, runs
+        the recipes' paged optimizers unpaged (--no-paged), and the results say so.
     python benchmarks/gpu_bench.py ours --model DIR --recipe YAML --seq 4096 --label NAME --out r.json \\
-            [--warmup 3] [--steps 10] [--set KEY=VALUE ...]
+            [--warmup 3] [--steps 10] [--no-paged] [--set KEY=VALUE ...]
         our loop (phi3_lora.loop.Trainer) with the recipe, the benchmark's settings below, then --set
     python benchmarks/gpu_bench.py trl ...same arguments...
         trl's SFTTrainer + peft with the settings of the same resolved config (unquantized base only)
-    python benchmarks/gpu_bench.py report r1.json r2.json ... --goals issue8 --json gpu_bench.json
-        the table, the goals of issue 8 (or issue4) checked, one JSON with device, versions and date
+    python benchmarks/gpu_bench.py report r1.json r2.json runs.jsonl ... --goals issue8 --json gpu_bench.json
+        the table, the goals of issue 8 (or issue4) checked, one JSON with device, versions and date;
+        a .jsonl holds one run a line (bench_lib.sh appends each run there as it ends, so that the
+        report can be rebuilt from whatever finished)
 
 Measured the same way on both sides:
 
@@ -31,12 +37,13 @@ Measured the same way on both sides:
   ``--warmup`` untimed steps to the end of the last step, so it includes what happens between steps
   (batching, logging). ``in_step_fraction`` says how much of it was inside the steps.
 * MFU: ``phi3_lora.metrics.train_flops_per_token`` (4 N for the frozen matmuls, 6 N for the
-  adapters, causal attention) at ``--seq`` against the device's dense bf16 peak; none where the
-  peak is unknown (the CPU).
+  adapters, causal attention within the model's sliding window) at ``--seq`` against the device's
+  dense bf16 peak; none where the peak is unknown (the CPU).
 * peak memory: ``torch.cuda.max_memory_allocated`` from the end of loading (base, adapters) to the
-  end of training (bitsandbytes' paged optimizer states live in CUDA managed memory outside
-  PyTorch's allocator and are not in it); on the CPU the process's peak RSS, loading included
-  (``phi3_lora.metrics.peak_memory_gb``), a plumbing figure only.
+  end of training (bitsandbytes' paged optimizer states of 10^5 elements or more live in CUDA
+  managed memory outside PyTorch's allocator and are not in it; the smaller ones are); on the CPU
+  the process's peak RSS, loading included (``phi3_lora.metrics.peak_memory_gb``), a plumbing
+  figure only.
 * final loss: the training loss of the last step (both sides log every step).
 
 Our runs also keep the estimator's prediction (``estimate_gb``, ``phi3_lora.memory``) and the loop's own
@@ -113,9 +120,11 @@ def make_model(args) -> None:
 
 
 def check_imports(modules: list[str]) -> None:
-    """Import each of ``modules`` now, and run bitsandbytes' 4-bit kernels once when it is one of them: an
-    installed package that cannot work (a dependency missing from a carried wheel, a CUDA library that does
-    not load) fails here in seconds, all of them in one message, not in every run after minutes."""
+    """Import each of ``modules`` now, then run what the runs lean on once: a ``datasets`` map (over the
+    machine's own pyarrow, which carried wheels cannot replace) and bitsandbytes' 4-bit kernels. An
+    installed package that cannot work (a dependency missing from a carried wheel, an older pyarrow, a
+    CUDA library that does not load) fails here in seconds, all of them in one message, not in every run
+    after minutes."""
     import importlib
 
     broken = []
@@ -125,6 +134,15 @@ def check_imports(modules: list[str]) -> None:
         except Exception as err:  # ImportError, or whatever a package raises while it initialises
             last_line = (str(err).strip().splitlines() or [""])[-1]
             broken.append(f"{module} ({type(err).__name__}: {last_line})")
+    if not broken and "datasets" in modules:
+        import datasets
+        try:
+            table = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]]})
+            mapped = table.map(lambda row: {"input_ids": [7] * len(row["messages"])}, remove_columns=["messages"])
+            if mapped["input_ids"] != [[7]]:
+                raise RuntimeError(f"a one-row map gave {mapped['input_ids']}")
+        except Exception as err:
+            broken.append(f"datasets' map ({type(err).__name__}: {err})")
     if not broken and "bitsandbytes" in modules:
         import bitsandbytes.functional as bnb
         import torch
@@ -138,6 +156,29 @@ def check_imports(modules: list[str]) -> None:
             broken.append(f"bitsandbytes' 4-bit kernels on {device} ({type(err).__name__}: {err})")
     if broken:
         raise SystemExit(f"installed but not working: {'; '.join(broken)}")
+
+
+def check_paged(args) -> None:
+    """One step of bitsandbytes' paged 8-bit AdamW on a GPU parameter of 2^17 elements: states of 10^5
+    elements or more live in CUDA managed memory (cudaMallocManaged), which no CPU test reaches and some
+    GPU sandboxes refuse or stall on. Exits non-zero if the step fails or moves the parameter wrongly."""
+    import torch
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        print("paged optimizer: nothing to check (no bitsandbytes or no CUDA; nothing is paged then)")
+        return
+    import bitsandbytes as bnb
+    param = torch.nn.Parameter(torch.ones(1 << 17, device="cuda"))
+    param.grad = torch.ones_like(param)
+    bnb.optim.PagedAdamW8bit([param], lr=0.1, weight_decay=0.0).step()  # Adam's first step: -lr * sign(grad)
+    torch.cuda.synchronize()
+    error = (param.detach() - 0.9).abs().max().item()
+    if error > 1e-2:
+        raise SystemExit(f"paged 8-bit AdamW's first step is off by {error:.3g} (expected every weight at 0.9)")
+    print("paged optimizer: one step of PagedAdamW8bit with its states in CUDA managed memory works")
+
+
+# The recipes' paged optimizers, unpaged (--no-paged): the same states in ordinary GPU memory.
+UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}
 
 
 def model_config(shape: str):
@@ -180,7 +221,7 @@ def bench_config(args, work: Path):
     """The resolved config of a run: the recipe, then the benchmark's settings, then ``--set``.
 
     On the CPU the weights and 4-bit compute are float32 whatever the recipe says (bf16 matmuls are
-    emulated there).
+    emulated there). With ``--no-paged`` a paged optimizer is replaced by its ``UNPAGED`` twin.
     """
     import torch
 
@@ -197,7 +238,11 @@ def bench_config(args, work: Path):
                 "training.logging_steps=1", "training.eval_steps=0", "training.save_steps=0",
                 f"output_dir={work / 'run'}"]
     cpu = [] if torch.cuda.is_available() else ["model.dtype=float32", "model.bnb_4bit_compute_dtype=float32"]
-    return load_config(args.recipe, settings + args.set + cpu)
+    cfg = load_config(args.recipe, settings + args.set + cpu)
+    if args.no_paged and cfg.training.optimizer in UNPAGED:
+        unpaged = f"training.optimizer={UNPAGED[cfg.training.optimizer]}"
+        cfg = load_config(args.recipe, settings + args.set + cpu + [unpaged])
+    return cfg
 
 
 def describe_rows(input_ids: list[list[int]], labels: list[list[int]], seq: int) -> dict:
@@ -280,9 +325,11 @@ def write_result(args, side: str, cfg, model_config, adapter_parameters: int, ti
               "seq": args.seq, "gradient_checkpointing": cfg.training.gradient_checkpointing,
               "recipe": str(args.recipe), "overrides": args.set, "variant": args.variant, "device": device,
               "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
-              "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer, **timing,
+              "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer,
+              "paged_replaced": args.no_paged and cfg.training.optimizer in UNPAGED.values(), **timing,
               "flops_per_token": flops, "mfu": mfu(timing["tokens_per_second"], flops, peak_flops(device)),
-              "adapter_parameters": adapter_parameters, **memory, "final_train_loss": final_loss, **rows, **extra}
+              "adapter_parameters": adapter_parameters, **memory, "final_train_loss": final_loss, **rows,
+              "versions": versions(), **extra}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.label}: {result['tokens_per_second']:.0f} tokens/s over {result['timed_steps']} steps, "
           f"MFU {_percent(result['mfu'])}, peak {_number(result['peak_gb'], 2)} GB, final loss "
@@ -518,8 +565,20 @@ def versions() -> dict:
     return found
 
 
+def read_runs(paths: list[str]) -> list[dict]:
+    """The runs in ``paths``: a .json file holds one, a .jsonl file one a line."""
+    runs = []
+    for path in paths:
+        text = Path(path).read_text()
+        runs += [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
+            else [json.loads(text)]
+    return runs
+
+
 def report(args) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in args.results]
+    runs = read_runs(args.results)
+    if not runs:
+        raise SystemExit(f"no runs in {' '.join(args.results)}")
     device = runs[0]["device"]
     kind = ("torch.cuda.max_memory_allocated after loading" if device != "cpu"
             else "peak RSS of the process on the CPU")
@@ -529,6 +588,9 @@ def report(args) -> None:
     checks = GOALS[args.goals](runs)
     if device == "cpu":
         print("  (a CPU plumbing run of a tiny model: these figures say nothing about the goals)")
+    replaced = [r["label"] for r in runs if r.get("paged_replaced")]
+    if replaced:
+        print(f"  (paged optimizers failed on this machine: {', '.join(replaced)} ran their unpaged twin)")
     for c in checks:
         status = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
         print(f"  [{status}] {c['goal']}: {' '.join(x for x in (c['run'], c['value']) if x)}")
@@ -541,7 +603,8 @@ def report(args) -> None:
             print(f"  variant {r['label']} ({' '.join(r['overrides'])}): tokens/s {ratios['tokens_per_second']:.2f}x, "
                   f"peak {ratios['peak_gb']:.2f}x of {plain['label']}")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device, "versions": versions(), "goals_of": args.goals, "goals": checks, "runs": runs}
+              "device": device, "versions": runs[0].get("versions") or versions(), "goals_of": args.goals,
+              "goals": checks, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.json}")
@@ -571,12 +634,16 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument("--warmup", type=positive, default=3, help="untimed steps first")
         run.add_argument("--steps", type=positive, default=10, help="timed steps")
         run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
+        run.add_argument("--no-paged", action="store_true",
+                         help="run a paged optimizer unpaged (check-paged failed): " + ", ".join(
+                             f"{a} -> {b}" for a, b in UNPAGED.items()))
         run.add_argument("--label", required=True)
         run.add_argument("--variant", default="", help="names the --set overrides of an extra run (EXTRA_RUNS); "
                          "the goals are judged on runs without one, variants against their plain twin")
         run.add_argument("--out", required=True, help="the result JSON; its outputs go to the directory of its stem")
+    sub.add_parser("check-paged", help="one step of a paged bitsandbytes optimizer on the GPU")
     rep = sub.add_parser("report", help="the table and the goals of several runs")
-    rep.add_argument("results", nargs="+")
+    rep.add_argument("results", nargs="+", help="run JSON files, or .jsonl files of one run a line")
     rep.add_argument("--goals", choices=sorted(GOALS), required=True)
     rep.add_argument("--json", required=True)
     return p
@@ -584,7 +651,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    {"make-model": make_model, "ours": ours, "trl": trl, "report": report}[args.command](args)
+    commands = {"make-model": make_model, "check-paged": check_paged, "ours": ours, "trl": trl, "report": report}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ for entry in "${entries[@]}"; do
 done
 
 make_model --require trl   # without bitsandbytes only the two QLoRA runs fail (and say so)
+check_paged
 LORA=configs/phi3-mini-4k-lora.yaml
 QLORA=configs/phi3-mini-4k-qlora-consumer.yaml
 bench ours "ours-bf16-$LONG" $LORA "$LONG" training.gradient_checkpointing=false

@@ -16,6 +16,7 @@ set -euo pipefail
 source "$(dirname "$0")/bench_lib.sh"
 
 make_model --require bitsandbytes
+check_paged
 QLORA=configs/phi3-mini-4k-qlora-consumer.yaml
 BF16="model.load_in_4bit=false model.bnb_4bit_use_double_quant=false model.bnb_4bit_compute_dtype=auto"
 for seq in "$SHORT" "$LONG"; do

@@ -59,6 +59,13 @@ def test_ours_and_trl_train_the_same_tokens_and_report(tmp_path):
                     "--json", str(report)])
     written = json.loads(report.read_text())
     assert written["device"] == "cpu" and [r["label"] for r in written["runs"]] == [ours["label"], trl["label"]]
+    # the same report from bench_lib.sh's one-run-a-line file (each JSON with its newlines removed)
+    runs_jsonl = tmp_path / "gpu_bench.runs.jsonl"
+    runs_jsonl.write_text("".join((tmp_path / f"{side}.json").read_text().replace("\n", "") + "\n"
+                                  for side in ("ours", "trl")))
+    gpu_bench.main(["report", str(runs_jsonl), "--goals", "issue8", "--json", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert (again["runs"], again["goals"], again["versions"]) == (written["runs"], written["goals"], ours["versions"])
     assert all(written["versions"][k] for k in ("torch", "transformers", "peft", "trl"))
     by_goal = {g["goal"]: g for g in written["goals"]}
     ratio = ours["tokens_per_second"] / trl["tokens_per_second"]
@@ -91,7 +98,24 @@ def test_make_model_names_every_package_that_does_not_import(tmp_path, monkeypat
     assert str(stop.value) == ("installed but not working: needs_httpx2 (ModuleNotFoundError: No module named "
                                "'httpx2_not_here'); raises_on_init (RuntimeError: libfoo.so.13: cannot open shared "
                                "object)")
-    gpu_bench.check_imports(["json", "bitsandbytes"])  # imports, and its NF4 round trip works here (on the CPU)
+    gpu_bench.check_imports(["json", "datasets", "bitsandbytes"])  # a map and an NF4 round trip work here (CPU)
+
+
+def test_no_paged_replaces_only_a_paged_optimizer(tmp_path, capsys):
+    """check-paged's fallback (--no-paged): the consumer QLoRA recipe's paged 8-bit AdamW runs as plain
+    8-bit AdamW, a recipe without a paged optimizer is untouched."""
+    def optimizer(recipe, *flags):
+        args = gpu_bench.parser().parse_args(["ours", "--model", str(tmp_path), "--recipe", str(ROOT / recipe),
+                                              "--seq", "64", "--label", "x", "--out", str(tmp_path / "x.json"),
+                                              *flags])
+        return gpu_bench.bench_config(args, tmp_path).training.optimizer
+    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml") == "paged_adamw_8bit"
+    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml", "--no-paged") == "adamw_8bit"
+    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml", "--no-paged", "--set",
+                     "training.optimizer=paged_adamw_32bit") == "adamw_torch"
+    assert optimizer("configs/phi3-mini-4k-lora.yaml", "--no-paged") == "adamw_torch"
+    gpu_bench.main(["check-paged"])  # on the CPU nothing is paged: it says so and succeeds
+    assert "nothing to check" in capsys.readouterr().out
 
 
 def _run(label, side, mode, seq, ckpt, tokens_per_second, mfu=None, peak_gb=5.0, estimate_gb=None, variant=""):
