@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from .checkpoint import EXIT_PREEMPTED, CheckpointError, Preempted
 from .config import ConfigError, help_text, load_config
@@ -34,9 +35,23 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def quiet_library_noise() -> None:
+    """Silence, by their exact text, library messages a user can do nothing about; all others still show.
+
+    * bitsandbytes >= 0.50 with the ``kernels`` package (a dependency of transformers >= 5.25) offers an
+      optional CPU kernel from the hub, refuses it because remote code is not trusted (as this toolkit
+      wants), logs a warning and runs its own kernels — printed at import, also by runs with no 4-bit layer.
+    * peft asks transformers for ``is_gradient_checkpointing``, deprecated in transformers 5.25.
+    """
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
 def run_main(main, argv=None) -> None:
     """Call ``main(argv)``; turn user errors into one line and exit status 2, preemption into status 75."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_library_noise()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main(argv)

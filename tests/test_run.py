@@ -32,6 +32,8 @@ def test_outputs_and_summary(demo_run):
     assert summary["examples_dropped"] == 0 and summary["examples_truncated"] == 0
     assert f"adapter:     {out / 'adapter'}" in proc.stdout
     assert "trainable parameters:" in proc.stdout
+    # library messages a user cannot act on are silenced (cli.quiet_library_noise)
+    assert "kernels-community" not in proc.stderr and "`is_gradient_checkpointing` is deprecated" not in proc.stderr
 
 
 def test_metrics_jsonl_lines(demo_run):
