@@ -133,7 +133,7 @@ def test_crash_safety_under_sigkill(reference, tmp_path):
     resume_from=auto finds a complete checkpoint, and the final adapter equals an uninterrupted run's."""
     rng = random.Random(0)
     root = ckpt.checkpoints_root(tmp_path)
-    kills_during_save = 0
+    kills_during_save, newest = 0, []
     for attempt in range(10):
         proc = start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
                      "training.resume_from=auto")
@@ -149,12 +149,18 @@ def test_crash_safety_under_sigkill(reference, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        for path in ckpt.complete_checkpoints(tmp_path):
+        complete = ckpt.complete_checkpoints(tmp_path)
+        for path in complete:
             ckpt.verify_checkpoint(path)  # every checkpoint that looks complete is complete
+        newest.append(complete[-1] if complete else None)
     assert kills_during_save >= 3
+    # the runs made progress through their checkpoints: the newest complete one never went back
+    steps = [int(p.name.split("-")[1]) if p else 0 for p in newest]
+    assert steps == sorted(steps) and steps[-1] > 0, steps
     code, log = finish(start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
                              "training.resume_from=auto"))
     assert code == 0, log[-3000:]
+    assert f"resumed from {newest[-1]} at step {steps[-1]} " in log  # not a fresh start that happens to match
     assert_identical(reference, tmp_path)
 
 
@@ -241,14 +247,18 @@ def test_rotation_keeps_newest_n_plus_best_and_protected(tmp_path):
 
 
 def test_rotation_in_a_run_keeps_newest_plus_best(tmp_path):
-    code, log = finish(start(tmp_path, "training.save_steps=2", "training.save_total_limit=2", "data.eval_size=8",
+    code, log = finish(start(tmp_path, "training.save_steps=2", "training.save_total_limit=1", "data.eval_size=8",
                              "training.eval_steps=2", "training.learning_rate=0.05"))  # lr so high eval loss wanders
     assert code == 0, log[-3000:]
     evals = {m["step"]: m["eval_loss"] for m in read_metrics(tmp_path) if "eval_loss" in m}
-    kept = [int(p.name.split("-")[1]) for p in ckpt.complete_checkpoints(tmp_path)]
     saved_steps = list(range(2, 17, 2))
     best = min(saved_steps, key=lambda s: evals[s])
-    assert kept == sorted({14, 16, best})
+    assert best != 16  # otherwise keeping the newest alone would pass too
+    kept = ckpt.complete_checkpoints(tmp_path)
+    assert [int(p.name.split("-")[1]) for p in kept] == [best, 16]
+    for path in kept:  # the score rotation ranks by is the evaluation logged at that step, exactly
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert state["eval_loss_at_save"] == evals[int(path.name.split("-")[1])]
 
 
 # ----------------------------------------------------------------------------- damaged files

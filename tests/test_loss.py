@@ -22,7 +22,7 @@ def fresh_trainer(tmp_path, *overrides):
     return trainer
 
 
-def first_step_gradients(trainer):
+def first_step_gradients(trainer, with_norm=False):
     """Run the loop's own train_step on the first optimizer step; capture gradients before the update."""
     captured = {}
     clip = trainer._clip_gradients
@@ -33,15 +33,27 @@ def first_step_gradients(trainer):
 
     trainer._clip_gradients = capture
     batches = next(trainer._batches_of_epoch())
-    loss_sum, n_tokens, _, _ = trainer.train_step(batches)
-    return captured, loss_sum / n_tokens, batches
+    loss_sum, n_tokens, _, grad_norm = trainer.train_step(batches)
+    return (captured, loss_sum / n_tokens, batches) + ((grad_norm,) if with_norm else ())
+
+
+def reference_gradients(trainer):
+    """The definition written out, outside the loop: d/dθ of the step's summed token losses over its
+    supervised tokens, whole logits, one backward."""
+    from phi3_lora.loss import supervised_tokens, token_loss_sum
+    batches = next(trainer._batches_of_epoch())
+    n_tokens = sum(supervised_tokens(b) for b in batches)
+    (sum(token_loss_sum(trainer.model, b) for b in batches) / n_tokens).backward()
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 def test_one_batch_of_8_equals_four_micro_batches_of_2(tmp_path):
-    whole, loss_whole, batches_whole = first_step_gradients(
-        fresh_trainer(tmp_path / "a", "training.per_device_batch_size=8", "training.gradient_accumulation_steps=1"))
-    split, loss_split, batches_split = first_step_gradients(
-        fresh_trainer(tmp_path / "b", "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4"))
+    one_batch = ("training.per_device_batch_size=8", "training.gradient_accumulation_steps=1")
+    whole, loss_whole, batches_whole, norm_whole = first_step_gradients(fresh_trainer(tmp_path / "a", *one_batch),
+                                                                        with_norm=True)
+    split, loss_split, batches_split, norm_split = first_step_gradients(
+        fresh_trainer(tmp_path / "b", "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4"),
+        with_norm=True)
     # the same 8 examples, of different lengths, in one batch and in four
     assert len(batches_whole) == 1 and len(batches_split) == 4
     ids_whole = sorted(batches_whole[0]["example_ids"].tolist())
@@ -53,6 +65,15 @@ def test_one_batch_of_8_equals_four_micro_batches_of_2(tmp_path):
     for name in whole:
         assert whole[name].abs().sum() > 0, f"{name}: zero gradient"
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+    # both equal the definition, not only each other (a loop dividing by the wrong count would agree with itself)
+    reference = reference_gradients(fresh_trainer(tmp_path / "c", *one_batch))
+    assert reference.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(whole[name], reference[name], rtol=1e-5, atol=1e-6 * reference[name].abs().max(),
+                                   msg=name)
+    reference_norm = float(torch.cat([g.flatten() for g in reference.values()]).norm())
+    assert float(norm_whole) == pytest.approx(reference_norm, rel=1e-5)  # the logged norm, before (no) clipping
+    assert float(norm_split) == pytest.approx(reference_norm, rel=1e-5)
 
 
 def test_token_normalisation_is_not_a_mean_of_means(tmp_path):

@@ -72,14 +72,21 @@ def test_linear_layers_are_4bit_and_the_rest_is_not(qlora_run):
     assert trainable and all("lora_" in n for n in trainable) and set(trainable.values()) == {torch.float32}
 
 
-def test_gradients_still_flow_through_4bit_layers_after_an_evaluation():
+def test_gradients_still_flow_through_4bit_layers_after_an_evaluation(monkeypatch):
     """bitsandbytes 0.50 repacks 4-bit weights for a backward-less CPU kernel on the first eval forward
-    (on CPUs with AVX512-BF16); prepare_kbit_model turns that off. Elsewhere this test passes trivially."""
+    (on CPUs with AVX512-BF16); prepare_kbit_model turns that off. The switch is checked on every CPU (the
+    feature reported present); the gradients, which only such a CPU can break, where the tests run."""
     needs_bitsandbytes()
+    import bitsandbytes as bnb
     from phi3_lora.lora import attach_lora
     from phi3_lora.model import load_model, load_tokenizer
     cfg = load_config(None, ["model.load_in_4bit=true", "model.tiny_hidden_size=64", "lora.dropout=0"])
     tokenizer = load_tokenizer(cfg.model)
+    with monkeypatch.context() as patch:
+        patch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # read by Linear4bit.__init__
+        reported = load_model(cfg.model, tokenizer)
+    switches = [m.support_avx512bf16_for_cpu for m in reported.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(switches) == 4 * cfg.model.tiny_layers and not any(switches)
     model = attach_lora(load_model(cfg.model, tokenizer), cfg.lora, seed=0)
     ids = torch.tensor([tokenizer("What is 12 plus 30? It is 42.")["input_ids"]])
     first_lora_b = next(p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TRAIN, read_metrics, run_script, train
+from conftest import FAST, ROOT, TRAIN, in_process_trainer, read_metrics, run_script, train
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +106,20 @@ def test_loss_goes_down_under_gradient_checkpointing(tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_checkpointing_recomputes_each_layer_once(checkpointing):
-    """With checkpointing on, each decoder layer's blocks run twice a step (once more in the backward). Counted
-    by wrapping ``forward``: a forward hook on the block fired once here, recomputation or not."""
+def test_checkpointing_recomputes_each_block_once(tmp_path, checkpointing):
+    """training.gradient_checkpointing, through the Trainer: each decoder layer's blocks run twice a
+    micro-batch with it (once more in the backward), once without. Counted by wrapping ``forward``: a
+    forward hook on the block fired once here, recomputation or not."""
     from phi3_lora.config import load_config
-    from phi3_lora.lora import attach_lora
-    from phi3_lora.model import enable_gradient_checkpointing
-    from phi3_lora.tiny import tiny_phi3_config, tiny_phi3_model, tiny_tokenizer
-
-    model = tiny_phi3_model(tiny_phi3_config(tiny_tokenizer(), hidden=32))
-    model = attach_lora(model, load_config(None, []).lora, seed=0)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
-    calls = []
-    mlp = model.base_model.model.model.layers[1].mlp
-    forward = mlp.forward
+    cfg = load_config(None, [*FAST, f"output_dir={tmp_path}", "data.eval_size=0", "training.per_device_batch_size=2",
+                             "training.gradient_accumulation_steps=2",
+                             f"training.gradient_checkpointing={str(checkpointing).lower()}"])
+    trainer = in_process_trainer(cfg)
+    mlp = trainer.accelerator.unwrap_model(trainer.model).base_model.model.model.layers[1].mlp
+    forward, calls = mlp.forward, []
     mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    assert len(calls) == (2 if checkpointing else 1)
+    trainer.train_step(next(trainer._batches_of_epoch()))
+    assert len(calls) == 2 * (2 if checkpointing else 1)  # two micro-batches
 
 
 def bad_input_cases(tmp_path):
