@@ -123,7 +123,7 @@ def test_zero3_adapter_loads_onto_base(single, tiny_model_dir, tmp_path):
     for key, value in saved.items():
         model_key = key.replace(".weight", ".default.weight")
         torch.testing.assert_close(loaded[model_key], value)
-        assert value.abs().sum() > 0 or "lora_B" in key
+        assert value.abs().sum() > 0, key  # every A and B trained and gathered whole, none left at zero
 
 
 def test_two_machines_on_one_host_match_single(single, tmp_path):

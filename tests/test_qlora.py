@@ -261,7 +261,7 @@ def test_qlora_under_zero3_shards_4bit_weights_and_trains(tmp_path):
     needs_bitsandbytes()
     from peft import PeftModel
 
-    from conftest import FAST, ROOT, accelerate_launch
+    from conftest import FAST, ROOT, accelerate_launch, load_adapter_tensors
     from phi3_lora.model import load_model, load_tokenizer
     model_dir = tmp_path / "base"
     cfg = load_config(None, FAST)
@@ -284,4 +284,9 @@ def test_qlora_under_zero3_shards_4bit_weights_and_trains(tmp_path):
     quantized_cfg = load_config(out / "config.yaml").model
     base = load_model(dataclasses.replace(quantized_cfg, name_or_path=str(model_dir)), load_tokenizer(quantized_cfg))
     tuned = PeftModel.from_pretrained(base, str(out / "adapter"))
-    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.named_parameters())
+    loaded = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
+    saved = load_adapter_tensors(out)
+    assert len(loaded) == len(saved) == 2 * 4 * cfg.model.tiny_layers  # A and B on each quantized layer
+    for key, value in saved.items():  # every tensor as saved (gathered from both ranks), every one trained
+        torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
+        assert value.abs().sum() > 0, key

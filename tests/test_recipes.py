@@ -31,9 +31,23 @@ def test_recipe_runs_two_steps_at_tiny_size(recipe, tmp_path):
         "training.max_steps=2", "training.logging_steps=1", "training.per_device_batch_size=2",
         "training.gradient_accumulation_steps=1", f"output_dir={tmp_path}",
     ]
-    in_process_trainer(load_config(recipe, overrides)).train()
+    trainer = in_process_trainer(load_config(recipe, overrides))
+    trainer.train()
     losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    # what ran is what the recipe asks for: 4-bit layers, the optimizer, checkpointing, adapters on its targets
+    import bitsandbytes as bnb
+
+    from phi3_lora.optim import BNB_OPTIMIZERS
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == (4 * trainer.cfg.model.tiny_layers if cfg.model.load_in_4bit else 0)
+    assert type(trainer.optimizer.optimizer).__name__ == BNB_OPTIMIZERS.get(cfg.training.optimizer, "AdamW")
+    layers = model.base_model.model.model.layers
+    assert {layer.gradient_checkpointing for layer in layers} == {cfg.training.gradient_checkpointing}
+    lora_b = {n.split(".lora_B")[0]: p for n, p in model.named_parameters() if ".lora_B." in n}
+    assert {n.rsplit(".", 1)[1] for n in lora_b} == set(cfg.lora.target_modules)
+    assert all(p.abs().sum() > 0 for p in lora_b.values())  # every adapter trained (B starts at zero)
     saved = load_config(Path(tmp_path) / "config.yaml")
     assert saved.lora == cfg.lora  # the recipe's own LoRA settings were used
     assert saved.training.gradient_checkpointing == cfg.training.gradient_checkpointing

@@ -1,6 +1,7 @@
 """End to end through scripts/train.py: outputs, TensorBoard read back, the adapter, bad input."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -48,9 +49,10 @@ def test_metrics_jsonl_lines(demo_run):
         assert m["grad_norm"] > 0 and m["tokens_per_second"] > 0
     for m in eval_entries:
         assert m["eval_perplexity"] == pytest.approx(torch.tensor(m["eval_loss"]).exp().item(), rel=1e-5)
-    # cosine schedule after 20 warmup steps: rising, peak, then falling to 0 at the end
-    lrs = [m["learning_rate"] for m in train_entries]
-    assert lrs[0] < lrs[2] and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    # the rate after step s: linear warmup over 20 steps to 1e-3, then cosine to 0 at step 100
+    expected = [1e-3 * (s / 20 if s < 20 else 0.5 * (1 + math.cos(math.pi * (s - 20) / 80)))
+                for s in range(5, 101, 5)]
+    assert [m["learning_rate"] for m in train_entries] == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
 def test_tensorboard_scalars_read_back(demo_run):
