@@ -34,8 +34,7 @@ fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:True}  # set it empty for none
 mkdir -p "$RESULTS" "$WORK/runs"
-RUNS_JSONL="$RESULTS/$(basename "$0" .sh).runs.jsonl"
-: > "$RUNS_JSONL"
+RUNS_JSONL="$RESULTS/$(basename "$0" .sh).runs.jsonl"  # emptied by make_model, when the runs begin
 BENCH_START=$SECONDS
 RESULT_FILES=()
 FAILED=()
@@ -44,6 +43,7 @@ NO_PAGED=
 # make_model [--require trl bitsandbytes]: check CUDA and the packages, build or reuse the random model.
 make_model() {
     "$PYTHON" benchmarks/gpu_bench.py make-model --dir "$MODEL_DIR" --shape "$SHAPE" "$@"
+    : > "$RUNS_JSONL"
 }
 
 # check_paged: bitsandbytes' paged optimizers keep large states in CUDA managed memory, which some GPU

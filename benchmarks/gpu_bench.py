@@ -221,7 +221,8 @@ def bench_config(args, work: Path):
     """The resolved config of a run: the recipe, then the benchmark's settings, then ``--set``.
 
     On the CPU the weights and 4-bit compute are float32 whatever the recipe says (bf16 matmuls are
-    emulated there). With ``--no-paged`` a paged optimizer is replaced by its ``UNPAGED`` twin.
+    emulated there). With ``--no-paged`` a paged optimizer is replaced by its ``UNPAGED`` twin, and
+    ``args.paged_replaced`` says whether one was.
     """
     import torch
 
@@ -239,7 +240,8 @@ def bench_config(args, work: Path):
                 f"output_dir={work / 'run'}"]
     cpu = [] if torch.cuda.is_available() else ["model.dtype=float32", "model.bnb_4bit_compute_dtype=float32"]
     cfg = load_config(args.recipe, settings + args.set + cpu)
-    if args.no_paged and cfg.training.optimizer in UNPAGED:
+    args.paged_replaced = args.no_paged and cfg.training.optimizer in UNPAGED
+    if args.paged_replaced:
         unpaged = f"training.optimizer={UNPAGED[cfg.training.optimizer]}"
         cfg = load_config(args.recipe, settings + args.set + cpu + [unpaged])
     return cfg
@@ -326,7 +328,7 @@ def write_result(args, side: str, cfg, model_config, adapter_parameters: int, ti
               "recipe": str(args.recipe), "overrides": args.set, "variant": args.variant, "device": device,
               "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
               "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer,
-              "paged_replaced": args.no_paged and cfg.training.optimizer in UNPAGED.values(), **timing,
+              "paged_replaced": args.paged_replaced, **timing,
               "flops_per_token": flops, "mfu": mfu(timing["tokens_per_second"], flops, peak_flops(device)),
               "adapter_parameters": adapter_parameters, **memory, "final_train_loss": final_loss, **rows,
               "versions": versions(), **extra}
@@ -573,8 +575,10 @@ def read_runs(paths: list[str]) -> list[dict]:
     runs = []
     for path in paths:
         text = Path(path).read_text()
-        runs += [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
-            else [json.loads(text)]
+        if path.endswith(".jsonl"):
+            runs += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            runs.append(json.loads(text))
     return runs
 
 

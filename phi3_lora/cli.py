@@ -38,14 +38,15 @@ def config_from_args(args: argparse.Namespace):
 def quiet_library_noise() -> None:
     """Silence, by their exact text, library messages a user can do nothing about; all others still show.
 
-    * bitsandbytes >= 0.50 with the ``kernels`` package (a dependency of transformers >= 5.25) offers an
-      optional CPU kernel from the hub, refuses it because remote code is not trusted (as this toolkit
-      wants), logs a warning and runs its own kernels — printed at import, also by runs with no 4-bit layer.
-    * peft asks transformers for ``is_gradient_checkpointing``, deprecated in transformers 5.25.
+    * bitsandbytes >= 0.50 with the ``kernels`` package (a dependency of transformers >= 5.25), on CPUs
+      with AVX512-BF16, offers an optional CPU kernel from the hub, refuses it because its publisher is not
+      trusted (remote code stays off, as this toolkit wants), logs a warning and runs its own kernels —
+      printed at import, also by runs with no 4-bit layer. Other failures to load that kernel still show.
+    * peft asks transformers for ``is_gradient_checkpointing``, deprecated since transformers 5.24.
     """
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage())
+        lambda record: "could not verify publisher trust" not in record.getMessage())
 
 
 def run_main(main, argv=None) -> None:

@@ -105,15 +105,16 @@ def test_no_paged_replaces_only_a_paged_optimizer(tmp_path, capsys):
     """check-paged's fallback (--no-paged): the consumer QLoRA recipe's paged 8-bit AdamW runs as plain
     8-bit AdamW, a recipe without a paged optimizer is untouched."""
     def optimizer(recipe, *flags):
+        """The optimizer a run of ``recipe`` gets, and whether a paged one was replaced (the results' flag)."""
         args = gpu_bench.parser().parse_args(["ours", "--model", str(tmp_path), "--recipe", str(ROOT / recipe),
                                               "--seq", "64", "--label", "x", "--out", str(tmp_path / "x.json"),
                                               *flags])
-        return gpu_bench.bench_config(args, tmp_path).training.optimizer
-    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml") == "paged_adamw_8bit"
-    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml", "--no-paged") == "adamw_8bit"
+        return gpu_bench.bench_config(args, tmp_path).training.optimizer, args.paged_replaced
+    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml") == ("paged_adamw_8bit", False)
+    assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml", "--no-paged") == ("adamw_8bit", True)
     assert optimizer("configs/phi3-mini-4k-qlora-consumer.yaml", "--no-paged", "--set",
-                     "training.optimizer=paged_adamw_32bit") == "adamw_torch"
-    assert optimizer("configs/phi3-mini-4k-lora.yaml", "--no-paged") == "adamw_torch"
+                     "training.optimizer=paged_adamw_32bit") == ("adamw_torch", True)
+    assert optimizer("configs/phi3-mini-4k-lora.yaml", "--no-paged") == ("adamw_torch", False)  # nothing paged
     gpu_bench.main(["check-paged"])  # on the CPU nothing is paged: it says so and succeeds
     assert "nothing to check" in capsys.readouterr().out
 

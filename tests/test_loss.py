@@ -22,7 +22,7 @@ def fresh_trainer(tmp_path, *overrides):
     return trainer
 
 
-def first_step_gradients(trainer, with_norm=False):
+def first_step_gradients(trainer):
     """Run the loop's own train_step on the first optimizer step; capture gradients before the update."""
     captured = {}
     clip = trainer._clip_gradients
@@ -34,7 +34,7 @@ def first_step_gradients(trainer, with_norm=False):
     trainer._clip_gradients = capture
     batches = next(trainer._batches_of_epoch())
     loss_sum, n_tokens, _, grad_norm = trainer.train_step(batches)
-    return (captured, loss_sum / n_tokens, batches) + ((grad_norm,) if with_norm else ())
+    return captured, loss_sum / n_tokens, batches, grad_norm
 
 
 def reference_gradients(trainer):
@@ -49,11 +49,9 @@ def reference_gradients(trainer):
 
 def test_one_batch_of_8_equals_four_micro_batches_of_2(tmp_path):
     one_batch = ("training.per_device_batch_size=8", "training.gradient_accumulation_steps=1")
-    whole, loss_whole, batches_whole, norm_whole = first_step_gradients(fresh_trainer(tmp_path / "a", *one_batch),
-                                                                        with_norm=True)
+    whole, loss_whole, batches_whole, norm_whole = first_step_gradients(fresh_trainer(tmp_path / "a", *one_batch))
     split, loss_split, batches_split, norm_split = first_step_gradients(
-        fresh_trainer(tmp_path / "b", "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4"),
-        with_norm=True)
+        fresh_trainer(tmp_path / "b", "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4"))
     # the same 8 examples, of different lengths, in one batch and in four
     assert len(batches_whole) == 1 and len(batches_split) == 4
     ids_whole = sorted(batches_whole[0]["example_ids"].tolist())
@@ -111,11 +109,11 @@ def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packi
     from phi3_lora.loss import supervised_tokens
     settings = ["training.per_device_batch_size=4", "training.gradient_accumulation_steps=2",
                 f"data.packing={str(packing).lower()}", "training.loss_chunk_size=50"]
-    whole, loss_whole, batches = first_step_gradients(fresh_trainer(tmp_path / "whole", *settings,
-                                                                    "training.loss_chunk_size=0"))
+    whole, loss_whole, batches, _ = first_step_gradients(fresh_trainer(tmp_path / "whole", *settings,
+                                                                       "training.loss_chunk_size=0"))
     chunked_trainer = fresh_trainer(tmp_path / "chunked", *settings)
     module_rows, chunk_rows = lm_head_rows(chunked_trainer, monkeypatch)
-    chunked, loss_chunked, _ = first_step_gradients(chunked_trainer)
+    chunked, loss_chunked, _, _ = first_step_gradients(chunked_trainer)
 
     assert loss_chunked == pytest.approx(loss_whole, rel=1e-6)
     assert whole.keys() == chunked.keys() and len(whole) > 0

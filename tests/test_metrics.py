@@ -53,26 +53,26 @@ def test_telemetry_scalars_are_logged(tmp_path):
     from phi3_lora.loss import supervised_tokens
     settings = ["training.max_steps=4", "training.logging_steps=2", "data.packing=true",
                 "training.per_device_batch_size=2"]
-    train(tmp_path / "run", *settings)
+    run = tmp_path / "run"
+    train(run, *settings)
     # the same run's first 4 steps rebuilt here: the tokens it must have counted
     planned = in_process_trainer(load_config(None, [*FAST, f"output_dir={tmp_path / 'plan'}", *settings]))
     steps = [batches for batches, _ in zip(planned._batches_of_epoch(), range(4))]
     all_tokens = sum(int(b["num_tokens"]) for batches in steps for b in batches)
     supervised = sum(supervised_tokens(b) for batches in steps for b in batches)
-    tmp_path = tmp_path / "run"
-    entry = [m for m in read_metrics(tmp_path) if "loss" in m][-1]
+    entry = [m for m in read_metrics(run) if "loss" in m][-1]
     for key in ("total_tokens_per_second", "peak_memory_gb", "step_data_seconds", "step_forward_backward_seconds",
                 "step_optimizer_seconds"):
         assert entry[key] > 0, key
     assert "mfu" not in entry  # no peak FLOP/s for a CPU, so no made-up utilisation
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     # packed rows of 2 x up to 256 tokens, 4 steps: every token goes through the model, the prompts unsupervised
     assert (summary["supervised_tokens"], summary["tokens_this_run"]) == (supervised, all_tokens)
     assert supervised < all_tokens <= 4 * 2 * 256
     assert summary["tokens_per_second_in_steps"] > summary["supervised_tokens_per_second"]
     assert summary["mfu"] is None and summary["peak_memory_gb"] > 0.1
     assert summary["step_forward_backward_seconds"] > summary["step_optimizer_seconds"] > 0
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"train/peak_memory_gb", "train/step_forward_backward_seconds",
             "train/total_tokens_per_second"} <= set(events.Tags()["scalars"])
