@@ -191,7 +191,8 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], settings: Generation
                 histories[i].append({"role": "user", "content": prompts[i].turns[turn]})
             for start in range(0, len(todo), settings.batch_size):
                 chunk = todo[start:start + settings.batch_size]
-                for i, answer in zip(chunk, generate_answers(model, tokenizer, [histories[i] for i in chunk], settings)):
+                batch_answers = generate_answers(model, tokenizer, [histories[i] for i in chunk], settings)
+                for i, answer in zip(chunk, batch_answers):
                     answers[i].append(answer)
                     histories[i].append({"role": "assistant", "content": answer.text})
                 bar.update(len(chunk))

@@ -55,7 +55,8 @@ def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
 
 
 def resolve_attention(name: str) -> str:
-    if name == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()):
+    usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if name == "flash_attention_2" and not usable:
         logger.warning("flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa instead")
         return "sdpa"
     return name

@@ -82,7 +82,8 @@ def cards_table(cfg, shape, zero_stage, num_gpus, cards) -> str:
         fits = f"fits ({need / GIB:.1f} GiB)" if need <= card else f"does not fit ({need / GIB:.1f} GiB)"
         longest = longest_sequence(one, shape, zero_stage, num_gpus, card)
         longest_text = f"{longest} (the model's limit)" if longest == shape.max_position_embeddings else longest or "-"
-        lines.append(f"| {gb:g} GB | {fits} | {longest_text} | {largest_batch(cfg, shape, zero_stage, num_gpus, card) or '-'} |")
+        batch = largest_batch(cfg, shape, zero_stage, num_gpus, card) or "-"
+        lines.append(f"| {gb:g} GB | {fits} | {longest_text} | {batch} |")
     return "\n".join(lines)
 
 

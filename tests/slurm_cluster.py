@@ -50,7 +50,8 @@ def install_slurm() -> None:
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n"
+                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
 def free_ports(count: int) -> list[int]:

@@ -72,7 +72,8 @@ def test_evaluate_loss_and_generations(run):
     out_dir = run / "evaluation"
     proc = run_script([sys.executable, EVALUATE, "--config", str(run / "config.yaml"), "--adapter",
                        str(run / "adapter"), "--prompts", str(run / "prompts.jsonl"), "--compare_base",
-                       "--max_new_tokens", str(MAX_NEW), "--batch_size", "3", "--out_dir", str(out_dir)], env=ONE_THREAD)
+                       "--max_new_tokens", str(MAX_NEW), "--batch_size", "3", "--out_dir", str(out_dir)],
+                      env=ONE_THREAD)
     results = json.loads((out_dir / "results.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     # the same held-out split and loss as the training loop's: its step-0 and final evaluations
@@ -126,7 +127,8 @@ def test_bad_prompts_file_names_the_line(tmp_path):
     with pytest.raises(DataError, match="line 1: expected 'messages' or 'turns' \\(MT-bench\\)"):
         read_prompts(bad)
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                                            {"role": "assistant", "content": "c"}, {"role": "assistant", "content": "d"}]}))
+                                            {"role": "assistant", "content": "c"},
+                                            {"role": "assistant", "content": "d"}]}))
     with pytest.raises(DataError, match="must end with a user message"):
         read_prompts(bad)
 

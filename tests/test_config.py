@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from phi3_lora.config import DEMO_RECIPE, ConfigError, all_keys, help_text, load_config
 

@@ -4,7 +4,6 @@ And the LongRoPE guard: a long example batched with short ones would switch them
 rope factors; the plan never lets the two kinds meet.
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST, ROOT, TRAIN, in_process_trainer, read_metrics, run_script, train
+from conftest import FAST, TRAIN, in_process_trainer, read_metrics, run_script, train
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,8 @@ def test_launcher_prints_and_dry_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(SLURM / "launch.py"), "--dry_run", "scripts/train.py", "lora.r=4"],
                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "node 1 of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all, main process n1:20007, OMP_NUM_THREADS=2" in proc.stdout
+    assert ("node 1 of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all, main process n1:20007, "
+            "OMP_NUM_THREADS=2") in proc.stdout
     assert "--machine_rank 1 --main_process_ip n1 --main_process_port 20007 scripts/train.py lora.r=4" in proc.stdout
     env.pop("SLURM_NODEID")
     proc = subprocess.run([sys.executable, str(SLURM / "launch.py"), "scripts/train.py"], env=env,
@@ -202,7 +203,8 @@ def submit(cluster, tmp_path, sbatch_file, *args, nodes=2, wait=True, env=None):
     """sbatch a file of scripts/slurm to the test cluster, on its 2 CPUs per node; returns the job id."""
     job_env = {"PYTHON": sys.executable, "ACCELERATE_CONFIG": "accelerate_configs/multi_gpu_ddp.yaml",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
-    options = ["--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={tmp_path}/slurm-%j.out"]
+    options = ["--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=2",
+               f"--output={tmp_path}/slurm-%j.out"]
     proc = cluster.run("sbatch", *options, *(["--wait"] if wait else []), str(SLURM / sbatch_file), *args,
                        cwd=ROOT, env=job_env, check=False, timeout=900)
     job_id = int(proc.stdout.split(";")[0].strip().splitlines()[0])
