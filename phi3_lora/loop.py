@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
 from .lora import attach_lora, load_adapter_dir, parameter_counts, save_adapter, write_adapter
-from .metrics import (RunLog, Throughput, mfu, peak_flops, peak_memory_gb, train_flops_per_token,
+from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_flops, peak_memory_gb,
                       write_summary)
 from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
                     resolve_dtype)
@@ -173,9 +173,9 @@ class Trainer:
                                                         t.gradient_accumulation_steps, acc.num_processes,
                                                         self.train_items.kinds)
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch)
-        mean_length = sum(len(x) for x in self.train_data.dataset["input_ids"]) / len(self.train_data)
-        self.flops_per_token = train_flops_per_token(acc.unwrap_model(model).config, mean_length,
-                                                     self.trainable_params)
+        lengths = [len(x) for x in self.train_data.dataset["input_ids"]]
+        self.flops_per_token = examples_flops_per_token(acc.unwrap_model(model).config, lengths,
+                                                        self.trainable_params)
         optimizer = build_optimizer(optimizer_groups(model, t.weight_decay), t)
         self.scheduler = self._make_scheduler(optimizer)
         fill_deepspeed_config(acc, cfg)

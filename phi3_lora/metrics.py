@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -107,6 +108,15 @@ def train_flops_per_token(config, sequence_length: float, adapter_parameters: in
     keys = attended_keys(sequence_length, getattr(config, "sliding_window", None))
     attention = 12 * keys * config.hidden_size * config.num_hidden_layers
     return 4 * matmul_parameters(config) + 6 * adapter_parameters + attention
+
+
+def examples_flops_per_token(config, lengths: list[int], adapter_parameters: int) -> float:
+    """``train_flops_per_token`` averaged over the tokens of examples of ``lengths``: each example attends
+    within itself (also when packed), so a long example's tokens cost more attention than a short one's."""
+    counts = Counter(lengths)
+    total = sum(length * n for length, n in counts.items())
+    return sum(length * n * train_flops_per_token(config, length, adapter_parameters)
+               for length, n in counts.items()) / total
 
 
 def attended_keys(sequence_length: float, sliding_window: int | None = None) -> float:

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import FAST, in_process_trainer, read_metrics, train
-from phi3_lora.metrics import attended_keys, matmul_parameters, mfu, peak_flops, train_flops_per_token
+from phi3_lora.metrics import (attended_keys, examples_flops_per_token, matmul_parameters, mfu, peak_flops,
+                               train_flops_per_token)
 
 
 def test_flops_of_a_small_gqa_model_by_hand():
@@ -25,6 +26,10 @@ def test_flops_of_a_small_gqa_model_by_hand():
     assert attended_keys(10, 4) == pytest.approx(3.2)
     assert train_flops_per_token(config, sequence_length=10, adapter_parameters=100) == pytest.approx(6142.4)
     assert attended_keys(4, 4) == attended_keys(4) == 2  # no key outside the window yet
+    # examples of 10 and 30 tokens (no window): attention 12 * k * d * L = 192 k per token, k = 5 and 15;
+    # by token (10 * 960 + 30 * 2880) / 40 = 2400 (the mean length, 20, would say 1920)
+    config.sliding_window = None
+    assert examples_flops_per_token(config, [10, 30, 30, 10], adapter_parameters=100) == 4928 + 600 + 2400
 
 
 def test_phi3_mini_at_4096_matches_the_published_goal():
