@@ -210,7 +210,7 @@ class TrainItems:
 
     def __init__(self, split: TokenizedSplit, max_seq_len: int, packing: bool, long_threshold: int | None):
         self.dataset = split.dataset
-        lengths = [len(ids) for ids in self.dataset["input_ids"]]
+        self.example_lengths = lengths = [len(ids) for ids in self.dataset["input_ids"]]
         example_kinds = long_context_kinds(lengths, long_threshold)
         if packing:
             self.rows = pack_best_fit_decreasing(lengths, max_seq_len, example_kinds)

@@ -173,9 +173,8 @@ class Trainer:
                                                         t.gradient_accumulation_steps, acc.num_processes,
                                                         self.train_items.kinds)
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.steps_per_epoch)
-        lengths = [len(x) for x in self.train_data.dataset["input_ids"]]
-        self.flops_per_token = examples_flops_per_token(acc.unwrap_model(model).config, lengths,
-                                                        self.trainable_params)
+        self.flops_per_token = examples_flops_per_token(acc.unwrap_model(model).config,
+                                                        self.train_items.example_lengths, self.trainable_params)
         optimizer = build_optimizer(optimizer_groups(model, t.weight_decay), t)
         self.scheduler = self._make_scheduler(optimizer)
         fill_deepspeed_config(acc, cfg)

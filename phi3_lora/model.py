@@ -55,11 +55,10 @@ def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
 
 
 def resolve_attention(name: str) -> str:
-    usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-    if name == "flash_attention_2" and not usable:
-        logger.warning("flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa instead")
-        return "sdpa"
-    return name
+    if name != "flash_attention_2" or (importlib.util.find_spec("flash_attn") and torch.cuda.is_available()):
+        return name
+    logger.warning("flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa instead")
+    return "sdpa"
 
 
 def load_tokenizer(cfg: ModelConfig):
