@@ -54,7 +54,9 @@ steps), as cross-checks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -62,6 +64,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -265,12 +268,15 @@ class StepClock:
     def __init__(self):
         self.begins: list[float] = []
         self.ends: list[float] = []
+        self.on_step_end = None  # called after each step's reading (the profiler's step)
 
     def step_begin(self) -> None:
         self.begins.append(_synchronized_now())
 
     def step_end(self) -> None:
         self.ends.append(_synchronized_now())
+        if self.on_step_end is not None:
+            self.on_step_end()
 
     def figures(self, warmup: int, tokens: list[int]) -> dict:
         """Throughput of the steps after the first ``warmup``; ``tokens`` holds each step's tokens."""
@@ -283,6 +289,41 @@ class StepClock:
         return {"warmup_steps": warmup, "timed_steps": len(self.ends) - warmup, "timed_tokens": timed_tokens,
                 "timed_seconds": wall, "tokens_per_second": timed_tokens / wall, "in_step_fraction": inside / wall,
                 "step_seconds": [round(b - a, 6) for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:])]}
+
+
+@contextlib.contextmanager
+def step_profiler(path: str | None, warmup: int, steps: int):
+    """``torch.profiler`` over up to 3 of the ``steps`` timed steps, after ``warmup`` + 1 (None: no profiling).
+    Writes PATH (the busiest operators by device time and by CPU time, and the device's busy fraction of the
+    profiled wall time, which says whether the steps wait on the GPU or on Python and kernel launches) and
+    PATH.trace.json.gz. The profiler slows the steps it records: a profiled run's figures are marked so."""
+    if not path:
+        yield None
+        return
+    if steps < 2:
+        raise SystemExit("--profile needs --steps 2 or more (one step to warm the profiler up, then the profiled)")
+    active = min(3, steps - 1)
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    def written(prof) -> None:
+        events = prof.key_averages()
+        wall = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep")) / 1e6  # steps end synced
+        device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        lines = [f"{active} steps profiled in {wall:.3f} s of wall time; device busy {device:.3f} s "
+                 f"({device / wall:.0%}, kernels summed, overlaps counted twice)", ""]
+        for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
+            lines += [f"--- sorted by {key}", events.table(sort_by=key, row_limit=30, max_name_column_width=60), ""]
+        Path(path).write_text("\n".join(lines))
+        with gzip.open(f"{path}.trace.json.gz", "wt") as trace, tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/t.json")
+            trace.write(Path(f"{tmp}/t.json").read_text())
+        print(lines[0])
+
+    with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=active, repeat=1),
+                 on_trace_ready=written) as prof:
+        yield prof
 
 
 def _synchronized_now() -> float:
@@ -328,7 +369,7 @@ def write_result(args, side: str, cfg, model_config, adapter_parameters: int, ti
               "recipe": str(args.recipe), "overrides": args.set, "variant": args.variant, "device": device,
               "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
               "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer,
-              "paged_replaced": args.paged_replaced, **timing,
+              "paged_replaced": args.paged_replaced, "profiled": bool(args.profile), **timing,
               "flops_per_token": flops, "mfu": mfu(timing["tokens_per_second"], flops, peak_flops(device)),
               "adapter_parameters": adapter_parameters, **memory, "final_train_loss": final_loss, **rows,
               "versions": versions(), **extra}
@@ -370,7 +411,9 @@ def ours(args) -> None:
     trainer = TimedTrainer(cfg)
     memory = PeakMemory()
     memory.loaded()
-    summary = trainer.train()
+    with step_profiler(args.profile, args.warmup, args.steps) as profiler:
+        clock.on_step_end = profiler.step if profiler else None
+        summary = trainer.train()
     measured = memory.figures()
     predicted = estimate(cfg, model_shape(cfg)[0])
     logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -435,7 +478,9 @@ def trl(args) -> None:
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora), callbacks=[Clock()])
     memory = PeakMemory()
     memory.loaded()
-    trainer.train()
+    with step_profiler(args.profile, args.warmup, args.steps) as profiler:
+        clock.on_step_end = profiler.step if profiler else None
+        trainer.train()
     measured = memory.figures()
     logged = [e for e in trainer.state.log_history if "loss" in e]
     seen = [0] + [int(e["num_tokens"]) for e in logged]  # trl's own running count of the tokens trained on
@@ -598,6 +643,9 @@ def report(args) -> None:
     replaced = [r["label"] for r in runs if r.get("paged_replaced")]
     if replaced:
         print(f"  (paged optimizers failed on this machine: {', '.join(replaced)} ran their unpaged twin)")
+    profiled = [r["label"] for r in runs if r.get("profiled")]
+    if profiled:
+        print(f"  (profiled, so slowed by the profiler: {', '.join(profiled)})")
     for c in checks:
         status = {True: "met", False: "NOT met", None: "n/a"}[c["met"]]
         print(f"  [{status}] {c['goal']}: {' '.join(x for x in (c['run'], c['value']) if x)}")
@@ -644,6 +692,8 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument("--no-paged", action="store_true",
                          help="run a paged optimizer unpaged (check-paged failed): " + ", ".join(
                              f"{a} -> {b}" for a, b in UNPAGED.items()))
+        run.add_argument("--profile", metavar="PATH", help="profile up to 3 timed steps (after one more warm-up) with torch.profiler: "
+                         "the table to PATH, the trace to PATH.trace.json.gz; it slows them")
         run.add_argument("--label", required=True)
         run.add_argument("--variant", default="", help="names the --set overrides of an extra run (EXTRA_RUNS); "
                          "the goals are judged on runs without one, variants against their plain twin")

@@ -18,18 +18,13 @@
 # ours-bf16-S-ckpt-LABEL; by default it holds one entry, whole-logits (training.loss_chunk_size=0), so that
 # the default chunked loss is measured against its absence. Other settings: see bench_lib.sh (WARMUP, STEPS, SEQS, RESULTS, WORK...).
 #
-# Time on an H200 (16 cores), estimated (no GPU run yet), for the default 3 warm-up + 10 timed steps:
-#   make-model  ~20 s: imports ~6 s; 3.8B parameters initialised in bf16 on the GPU, ~2 s; 7.6 GB
-#               copied to the host and written with fsync, ~10 s. Skipped when MODEL_DIR holds it.
-#   each run    process start + imports (torch, transformers, peft, accelerate, datasets) ~8 s, trl +4 s;
-#               loading 7.6 GB from the page cache to the GPU ~5 s; QLoRA quantizing 3.6B weights to
-#               NF4 on the GPU +5-10 s; 13 steps: a step is ~72 TFLOP at seq 4096 (17.5 GFLOP a token),
-#               ~0.2 s at 35% MFU, ~0.15 s at 2048 with recomputation, QLoRA ~2x slower, the first
-#               step ~3 s more (kernel selection): ~5-10 s; adapter save and exit ~2 s.
-#               => ~25 s a bf16 run, ~30 s a trl run, ~35 s a QLoRA run.
-#   report      ~2 s.
-#   total       ~20 + 2x25 + 2x30 + 2x35 + 2 = ~3.5 minutes, ~4.5 with the default EXTRA_RUNS; each EXTRA_RUNS
-#               entry adds ~50 s (torch.compile: its compile time on top, ~1 minute a run).
+# Time on an H200 (16 cores), measured 2026-12-04 (benchmarks/measured/2026-12-04-h200/gpu_bench.log):
+#   make-model  14 s to build and write the random model (7.6 GB, fsync'd); skipped when MODEL_DIR holds it
+#               (then ~36 s for the import check and check-paged, as in that log, which reused it).
+#   each run    25-33 s start to finish: process start and imports, loading, 13 steps (~0.38 s each at seq
+#               4096 without checkpointing), the adapter saved.
+#   total       269 s with the default EXTRA_RUNS (8 runs); each EXTRA_RUNS entry adds ~55 s; a compiled
+#               one ~80 s (its first run took 50 s, the second 30 s with inductor's cache warm).
 set -euo pipefail
 source "$(dirname "$0")/bench_lib.sh"
 

@@ -9,9 +9,10 @@
 #   SHAPE=tiny bash benchmarks/gpu_qlora.sh      # the same plumbing on the CPU (no memory figures)
 #
 # Needs one CUDA GPU with >= 24 GB (the LoRA-bf16 runs hold the 7.6 GB bf16 base) and bitsandbytes
-# (pip install -e '.[qlora]'). About 3 minutes on an H200 (see gpu_bench.sh for the phases): ~20 s to
-# build and save the random model, then four runs of 3 warm-up + 10 timed steps, each in its own process
-# so that every peak is its own. Settings (SEQS, STEPS, RESULTS, WORK...): see bench_lib.sh.
+# (pip install -e '.[qlora]'). 182 s on an H200 (2026-12-04): ~55 s to check the packages, build and save
+# the random model and check the paged optimizer, then four runs of 3 warm-up + 10 timed steps, ~30 s each,
+# each in its own process so that every peak is its own. Settings (SEQS, STEPS, RESULTS, WORK...): see
+# bench_lib.sh. Figures: README, "QLoRA on a single consumer GPU".
 set -euo pipefail
 source "$(dirname "$0")/bench_lib.sh"
 

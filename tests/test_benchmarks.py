@@ -7,8 +7,10 @@ the goal checks are fed runs with GPU-like figures.
 from __future__ import annotations
 
 import importlib.util
+import gzip
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -32,9 +34,18 @@ def test_ours_and_trl_train_the_same_tokens_and_report(tmp_path):
         run_script([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), side, "--model", str(model),
                     "--recipe", str(ROOT / "configs" / "phi3-mini-4k-lora.yaml"), "--seq", str(seq),
                     "--warmup", str(warmup), "--steps", str(steps), "--label", f"{side}-bf16-{seq}-ckpt",
-                    "--out", str(out), "--set", "training.gradient_checkpointing=true"], timeout=300)
+                    "--out", str(out), "--profile", str(tmp_path / f"{side}.profile"),
+                    "--set", "training.gradient_checkpointing=true"], timeout=300)
         results[side] = json.loads(out.read_text())
     ours, trl = results["ours"], results["trl"]
+    for side in ("ours", "trl"):  # --profile: steps warmup + 2 and + 3 (the first timed one warms the profiler up)
+        table = (tmp_path / f"{side}.profile").read_text()
+        assert re.match(r"2 steps profiled in \d+\.\d{3} s of wall time; device busy 0\.000 s", table), table[:200]
+        assert "aten::mm" in table and "sorted by self_cpu_time_total" in table
+        with gzip.open(tmp_path / f"{side}.profile.trace.json.gz", "rt") as f:
+            profiled = {e["name"] for e in json.load(f)["traceEvents"] if e["name"].startswith("ProfilerStep")}
+        assert profiled == {f"ProfilerStep#{warmup + 1}", f"ProfilerStep#{warmup + 2}"}, profiled
+        assert results[side]["profiled"] is True
 
     for r in (ours, trl):
         assert (r["warmup_steps"], r["timed_steps"], len(r["step_seconds"])) == (warmup, steps, steps)
