@@ -32,7 +32,8 @@ from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
-from .lora import attach_lora, load_adapter_dir, parameter_counts, save_adapter, write_adapter
+from .lora import (attach_lora, load_adapter_dir, parameter_counts, save_adapter, skip_adapter_input_casts,
+                   write_adapter)
 from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_flops, peak_memory_gb,
                       write_summary)
 from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
@@ -157,6 +158,9 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.training
         self.accelerator = acc = make_accelerator(cfg)
+        if cfg.model.attn_implementation == "flex_attention" and acc.device.type != "cuda":
+            raise ConfigError("model.attn_implementation=flex_attention trains on CUDA GPUs only (PyTorch has no "
+                              f"flex-attention backward on the {acc.device.type}); use sdpa here")
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
@@ -193,6 +197,8 @@ class Trainer:
         if any(hasattr(p, "ds_id") for p in base.parameters()):
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=cfg.training.seed)
+        if acc.native_amp and acc.mixed_precision in ("bf16", "fp16"):  # every forward of the loop is autocast
+            skip_adapter_input_casts(model)
         if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
             load_adapter_dir(model, self.resume_dir / "adapter")
         if cfg.training.gradient_checkpointing:
@@ -283,6 +289,8 @@ class Trainer:
 
     def _any_process_signalled(self, preemption: PreemptionFlag) -> bool:
         """True on every process if any received a preemption signal (they must stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return preemption.received is not None
         flag = torch.tensor([0 if preemption.received is None else preemption.received], device=self.accelerator.device)
         received = int(self.accelerator.reduce(flag, "max"))
         if received:
@@ -314,10 +322,10 @@ class Trainer:
         Returns the step's global (token loss sum, supervised tokens, all tokens) and the grad norm.
         """
         acc = self.accelerator
-        local = torch.tensor([sum(supervised_tokens(b) for b in batches),
-                              sum(int(b["num_tokens"]) for b in batches)],
-                             device=acc.device)
-        n_tokens, n_all = (int(v) for v in acc.reduce(local, "sum"))
+        counts = [sum(supervised_tokens(b) for b in batches), sum(int(b["num_tokens"]) for b in batches)]
+        if acc.num_processes > 1:  # the batches are still on the CPU: one process needs no round trip to the GPU
+            counts = [int(v) for v in acc.reduce(torch.tensor(counts, device=acc.device), "sum")]
+        n_tokens, n_all = counts
         scale = acc.num_processes * self.cfg.training.gradient_accumulation_steps / max(n_tokens, 1)
         self.model.train()
         loss_sum = torch.zeros((), device=acc.device)

@@ -58,6 +58,23 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
         return get_peft_model(model, peft_config(cfg))
 
 
+def skip_adapter_input_casts(model) -> int:
+    """Stop peft casting each adapter's input to float32 (its adapters' dtype); returns how many layers.
+
+    Only for forwards under bf16/fp16 autocast, where the cast is a round trip: autocast casts the input
+    back to 16 bits for the adapter's first matmul, so the adapters see the same values (bit for bit
+    when there is no dropout) and each adapted layer saves two full-width casts of its input forward,
+    and their two backward. peft's own 4-bit layers already skip the cast under autocast. Without
+    autocast a 16-bit input would meet float32 adapter weights: the loop calls this only under it.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def save_adapter(model, state_dict: dict[str, torch.Tensor], target) -> None:
     """Write the adapter of the unwrapped ``model`` (state gathered by ``checkpoint.adapter_state_dict``)
     to ``target`` atomically: PEFT format, plus the loralib state for a loralib model."""

@@ -8,6 +8,7 @@ import torch
 
 from conftest import FAST, in_process_trainer
 from phi3_lora.config import load_config
+from phi3_lora.loss import supervised_tokens, token_loss_sum
 
 
 def fresh_trainer(tmp_path, *overrides):
@@ -40,7 +41,6 @@ def first_step_gradients(trainer):
 def reference_gradients(trainer):
     """The definition written out, outside the loop: d/dθ of the step's summed token losses over its
     supervised tokens, whole logits, one backward."""
-    from phi3_lora.loss import supervised_tokens, token_loss_sum
     batches = next(trainer._batches_of_epoch())
     n_tokens = sum(supervised_tokens(b) for b in batches)
     (sum(token_loss_sum(trainer.model, b) for b in batches) / n_tokens).backward()
@@ -76,7 +76,6 @@ def test_one_batch_of_8_equals_four_micro_batches_of_2(tmp_path):
 
 def test_token_normalisation_is_not_a_mean_of_means(tmp_path):
     """The step loss weighs micro-batches by their supervised tokens (a mean of means would not)."""
-    from phi3_lora.loss import supervised_tokens, token_loss_sum
     trainer = fresh_trainer(tmp_path, "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4")
     batches = next(trainer._batches_of_epoch())
     with torch.no_grad():
@@ -106,7 +105,6 @@ def lm_head_rows(trainer, monkeypatch):
 @pytest.mark.parametrize("packing", [False, True])
 def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packing):
     """loss_chunk_size: same loss and gradients as whole logits, which never exist for more than a chunk."""
-    from phi3_lora.loss import supervised_tokens
     settings = ["training.per_device_batch_size=4", "training.gradient_accumulation_steps=2",
                 f"data.packing={str(packing).lower()}", "training.loss_chunk_size=50"]
     whole, loss_whole, batches, _ = first_step_gradients(fresh_trainer(tmp_path / "whole", *settings,
@@ -129,7 +127,6 @@ def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packi
 def test_chunked_loss_asks_for_the_last_hidden_state_only_under_mixed_precision(tmp_path):
     """bf16 autocast as on a GPU (accelerate's native AMP, here on the CPU): accelerate casts every tensor the
     model returns to float32, so the chunked loss must get one hidden state back, not one per layer + 1."""
-    from phi3_lora.loss import token_loss_sum
     trainer = fresh_trainer(tmp_path, "model.dtype=bfloat16", "training.mixed_precision=bf16", "model.tiny_layers=3")
     assert trainer.accelerator.native_amp
     returned = []
@@ -192,3 +189,42 @@ def test_compiled_layers_train_like_eager_ones(tmp_path):
     assert compiled.keys() == eager.keys() and len(eager) > 0  # names unchanged: no _orig_mod. prefix
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_adapter_inputs_stay_16_bit_under_autocast_with_the_same_numbers(tmp_path):
+    """Under bf16 autocast peft's float32 cast of each adapter's input is a round trip (autocast casts it back
+    for the matmul), so the loop skips it: the same loss and gradients bit for bit (no dropout here), and
+    the forward makes two full-width casts fewer per adapted layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CastsOfLayerInputs(TorchDispatchMode):
+        """Counts dtype casts of (batch, sequence, features) tensors at least the hidden size (64) wide."""
+
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 3 and args[0].shape[-1] >= 64:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    runs = {}
+    for skipped in (True, False):
+        trainer = fresh_trainer(tmp_path / str(skipped), "model.dtype=bfloat16", "training.mixed_precision=bf16")
+        layers = [m for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert len(layers) == 8 and all(m.cast_input_dtype_enabled is False for m in layers)  # 2 layers x 4 targets
+        if not skipped:
+            for m in layers:  # peft's default
+                m.cast_input_dtype_enabled = True
+        batch = next(trainer._batches_of_epoch())[0]
+        with torch.no_grad(), trainer.accelerator.autocast(), CastsOfLayerInputs() as casts:
+            token_loss_sum(trainer.model, batch, 0)
+        grads, loss, _, _ = first_step_gradients(trainer)
+        runs[skipped] = casts.count, grads, loss
+    (casts_skipped, grads_skipped, loss_skipped), (casts_peft, grads_peft, loss_peft) = runs[True], runs[False]
+    assert casts_peft - casts_skipped == 2 * 8  # to float32 by peft, back to bfloat16 by autocast
+    assert loss_skipped == loss_peft
+    assert grads_skipped.keys() == grads_peft.keys() and len(grads_peft) == 16
+    for name, grad in grads_peft.items():
+        assert grad.dtype == torch.float32 and torch.equal(grads_skipped[name], grad), name

@@ -4,6 +4,7 @@ And the LongRoPE guard: a long example batched with short ones would switch them
 rope factors; the plan never lets the two kinds meet.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -112,3 +113,37 @@ class _ListDataset(list):
         if isinstance(key, str):
             return [row[key] for row in self]
         return list.__getitem__(self, key)
+
+
+def test_flex_attention_gives_packed_rows_the_losses_of_sdpa_under_a_sliding_window(tmp_path):
+    """model.attn_implementation=flex_attention (a GPU speed option): on the CPU its forward (PyTorch has
+    no flex backward there) gives every packed example sdpa's loss, with a sliding window shorter than the
+    examples so that the window's mask is exercised; training with it on the CPU is a one-line error."""
+    from phi3_lora.config import ConfigError
+    from phi3_lora.loop import Trainer
+    cfg, tokenizer, train, model = setup()
+    items = TrainItems(train, max_seq_len=400, packing=True, long_threshold=None)
+    rows = items.rows[:2]
+    batch = Collator(tokenizer.pad_token_id, packed=True)([items[r] for r in range(2)])
+    window = 24
+    assert min(len(train.dataset[i]["input_ids"]) for row in rows for i in row) > window
+    model.config.sliding_window = window
+    losses = {}
+    for attention in ("sdpa", "flex_attention", "eager"):
+        model.set_attn_implementation(attention)
+        with torch.no_grad():
+            losses[attention] = per_example_losses(model, batch, rows)
+    model.config.sliding_window = None
+    with torch.no_grad():
+        without_window = per_example_losses(model, batch, rows)
+    for i, loss in losses["sdpa"].items():
+        torch.testing.assert_close(losses["flex_attention"][i], loss, rtol=1e-5, atol=1e-5, msg=f"example {i}")
+        torch.testing.assert_close(losses["eager"][i], loss, rtol=1e-5, atol=1e-5, msg=f"example {i}")
+        assert abs(float(without_window[i] - loss)) > 1e-3  # the window did change the losses
+
+    if torch.cuda.is_available():
+        return  # it trains there
+    flex = load_config(None, [f"output_dir={tmp_path}", "model.attn_implementation=flex_attention"])
+    with pytest.raises(ConfigError, match="^model.attn_implementation=flex_attention trains on CUDA GPUs only"):
+        Trainer(flex)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
