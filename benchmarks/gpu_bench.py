@@ -18,6 +18,12 @@ run is one process, so that each peak is its own:
         our loop (phi3_lora.loop.Trainer) with the recipe, the benchmark's settings below, then --set
     python benchmarks/gpu_bench.py trl ...same arguments...
         trl's SFTTrainer + peft with the settings of the same resolved config (unquantized base only)
+    python benchmarks/gpu_bench.py ours|trl ... --profile PATH
+        the same run with up to 3 timed steps under torch.profiler: the busiest operators to PATH (after
+        the trace summary below), the Chrome trace to PATH.trace.json.gz; the run is marked profiled
+    python benchmarks/gpu_bench.py trace-summary PATH.trace.json.gz
+        per profiled step: its wall time, how long the GPU was busy (the union of kernel intervals),
+        the idle gaps, and kernel time by the operator that launched it
     python benchmarks/gpu_bench.py report r1.json r2.json runs.jsonl ... --goals issue8 --json gpu_bench.json
         the table, the goals of issue 8 (or issue4) checked, one JSON with device, versions and date;
         a .jsonl holds one run a line (bench_lib.sh appends each run there as it ends, so that the
@@ -310,20 +316,69 @@ def step_profiler(path: str | None, warmup: int, steps: int):
     def written(prof) -> None:
         events = prof.key_averages()
         wall = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep")) / 1e6  # steps end synced
-        device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
-        lines = [f"{active} steps profiled in {wall:.3f} s of wall time; device busy {device:.3f} s "
-                 f"({device / wall:.0%}, kernels summed, overlaps counted twice)", ""]
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/t.json")
+            text = Path(f"{tmp}/t.json").read_text()
+        with gzip.open(f"{path}.trace.json.gz", "wt") as trace:
+            trace.write(text)
+        lines = [f"{active} steps profiled in {wall:.3f} s of wall time", "", *trace_summary(json.loads(text)), ""]
         for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
             lines += [f"--- sorted by {key}", events.table(sort_by=key, row_limit=30, max_name_column_width=60), ""]
         Path(path).write_text("\n".join(lines))
-        with gzip.open(f"{path}.trace.json.gz", "wt") as trace, tempfile.TemporaryDirectory() as tmp:
-            prof.export_chrome_trace(f"{tmp}/t.json")
-            trace.write(Path(f"{tmp}/t.json").read_text())
         print(lines[0])
 
     with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=active, repeat=1),
                  on_trace_ready=written) as prof:
         yield prof
+
+
+def trace_summary(trace: dict, top: int = 12) -> list[str]:
+    """Lines describing each profiled step of a Chrome trace (``torch.profiler``'s export): wall time,
+    GPU busy time as the union of kernel intervals (so overlapping kernels count once), idle gaps over
+    1 ms, and kernel time by the innermost operator that launched the kernel."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep")),
+                   key=lambda e: e["ts"])
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    operators: dict = {}
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            operators.setdefault(e["args"].get("External id"), []).append(e)
+    lines = []
+    for step in steps:
+        begin, end = step["ts"], step["ts"] + step["dur"]
+        mine = [k for k in kernels if (launch := launches.get(k["args"].get("correlation"))) is not None
+                and begin <= launch["ts"] <= end]
+        busy = idle = 0.0
+        covered = begin
+        long_gaps = 0
+        by_operator: dict = {}
+        for k in mine:
+            if k["ts"] > covered:
+                idle += k["ts"] - covered
+                long_gaps += k["ts"] - covered > 1000
+            busy += max(0.0, k["ts"] + k["dur"] - max(k["ts"], covered))
+            covered = max(covered, k["ts"] + k["dur"])
+            launcher = operators.get(k["args"].get("External id"))
+            name = min(launcher, key=lambda o: o["dur"])["name"] if launcher else "(no operator)"
+            by_operator[name] = by_operator.get(name, 0.0) + k["dur"]
+        calls: dict = {}  # operator calls by thread: the main one, then autograd's (backward, recomputation)
+        for e in events:
+            if e.get("cat") == "cpu_op" and begin <= e["ts"] <= end:
+                calls[e["tid"]] = calls.get(e["tid"], 0) + 1
+        lines.append(f"{step['name']}: {step['dur'] / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms "
+                     f"({busy / max(step['dur'], 1e-9):.0%}; union of {len(mine)} kernels), idle before and between "
+                     f"kernels {idle / 1e3:.1f} ms ({long_gaps} gaps over 1 ms), operator calls by thread "
+                     + " + ".join(f"{n:,}" for n in calls.values()))
+        for name, micros in sorted(by_operator.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {micros / 1e3:8.2f} ms  {name}")
+    return lines or ["no profiled steps with kernels in this trace"]
+
+
+def print_trace_summary(args) -> None:
+    with gzip.open(args.trace, "rt") as f:
+        print("\n".join(trace_summary(json.load(f))))
 
 
 def _synchronized_now() -> float:
@@ -692,13 +747,16 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument("--no-paged", action="store_true",
                          help="run a paged optimizer unpaged (check-paged failed): " + ", ".join(
                              f"{a} -> {b}" for a, b in UNPAGED.items()))
-        run.add_argument("--profile", metavar="PATH", help="profile up to 3 timed steps (after one more warm-up) with torch.profiler: "
-                         "the table to PATH, the trace to PATH.trace.json.gz; it slows them")
+        run.add_argument("--profile", metavar="PATH",
+                         help="profile up to 3 timed steps (after one more warm-up) with torch.profiler: the table "
+                              "to PATH, the trace to PATH.trace.json.gz; it slows them")
         run.add_argument("--label", required=True)
         run.add_argument("--variant", default="", help="names the --set overrides of an extra run (EXTRA_RUNS); "
                          "the goals are judged on runs without one, variants against their plain twin")
         run.add_argument("--out", required=True, help="the result JSON; its outputs go to the directory of its stem")
     sub.add_parser("check-paged", help="one step of a paged bitsandbytes optimizer on the GPU")
+    summary = sub.add_parser("trace-summary", help="GPU busy time, gaps and kernel time by operator per profiled step")
+    summary.add_argument("trace", help="a PATH.trace.json.gz that --profile wrote")
     rep = sub.add_parser("report", help="the table and the goals of several runs")
     rep.add_argument("results", nargs="+", help="run JSON files, or .jsonl files of one run a line")
     rep.add_argument("--goals", choices=sorted(GOALS), required=True)
@@ -708,7 +766,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    commands = {"make-model": make_model, "check-paged": check_paged, "ours": ours, "trl": trl, "report": report}
+    commands = {"make-model": make_model, "check-paged": check_paged, "ours": ours, "trl": trl, "report": report,
+                "trace-summary": print_trace_summary}
     commands[args.command](args)
 
 

@@ -40,7 +40,8 @@ def test_ours_and_trl_train_the_same_tokens_and_report(tmp_path):
     ours, trl = results["ours"], results["trl"]
     for side in ("ours", "trl"):  # --profile: steps warmup + 2 and + 3 (the first timed one warms the profiler up)
         table = (tmp_path / f"{side}.profile").read_text()
-        assert re.match(r"2 steps profiled in \d+\.\d{3} s of wall time; device busy 0\.000 s", table), table[:200]
+        assert re.match(r"2 steps profiled in \d+\.\d{3} s of wall time\n\nProfilerStep#3: .* GPU busy 0\.0 ms .*"
+                        r"operator calls by thread \d", table), table[:300]
         assert "aten::mm" in table and "sorted by self_cpu_time_total" in table
         with gzip.open(tmp_path / f"{side}.profile.trace.json.gz", "rt") as f:
             profiled = {e["name"] for e in json.load(f)["traceEvents"] if e["name"].startswith("ProfilerStep")}
@@ -84,6 +85,29 @@ def test_ours_and_trl_train_the_same_tokens_and_report(tmp_path):
     assert (against_trl["run"], against_trl["met"]) == (ours["label"], ratio >= 1.3)
     assert against_trl["value"].startswith(f"{ratio:.2f}x")
     assert by_goal["LoRA-bf16 MFU >= 40% at seq 4096 without checkpointing"]["met"] is None  # no such run
+
+
+def test_trace_summary_counts_overlapping_kernels_once_and_names_their_operators():
+    """A hand-made trace: one step of 10 ms, two kernels of one mm overlapping (2-5 and 4-6 ms), a 2 ms gap,
+    then an add's kernel (8-9 ms); a kernel launched before the step is not the step's."""
+    def op(name, ts, dur, ext, tid=1):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {"External id": ext}}
+
+    def kernel(ts, dur, ext, correlation, launched_at):
+        return [{"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"External id": ext,
+                 "correlation": correlation}},
+                {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": launched_at, "dur": 5,
+                 "tid": 1, "args": {"correlation": correlation}}]
+    events = [{"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#4", "ts": 0, "dur": 10_000, "tid": 1},
+              op("aten::linear", 100, 500, 7), op("aten::mm", 150, 300, 7), op("aten::add", 700, 50, 8),
+              op("autograd::engine::evaluate_function: MmBackward0", 800, 20, 9, tid=2),
+              *kernel(2_000, 3_000, 7, 1, 200), *kernel(4_000, 2_000, 7, 2, 300),
+              *kernel(8_000, 1_000, 8, 3, 720), *kernel(-5_000, 1_000, 8, 4, -6_000)]
+    lines = gpu_bench.trace_summary({"traceEvents": events})
+    assert lines[0] == ("ProfilerStep#4: 10.0 ms, GPU busy 5.0 ms (50%; union of 3 kernels), idle before and "
+                        "between kernels 4.0 ms (2 gaps over 1 ms), operator calls by thread 3 + 1")
+    assert lines[1:] == ["        5.00 ms  aten::mm", "        1.00 ms  aten::add"]  # mm: 3 + 2 ms, overlap or not
 
 
 def test_step_clock_times_the_steps_after_warmup():
