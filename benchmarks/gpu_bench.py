@@ -19,11 +19,11 @@ run is one process, so that each peak is its own:
     python benchmarks/gpu_bench.py trl ...same arguments...
         trl's SFTTrainer + peft with the settings of the same resolved config (unquantized base only)
     python benchmarks/gpu_bench.py ours|trl ... --profile PATH
-        the same run with up to 3 timed steps under torch.profiler: the busiest operators to PATH (after
+        the same run, its last (up to 3) timed steps under torch.profiler: the busiest operators to PATH (after
         the trace summary below), the Chrome trace to PATH.trace.json.gz; the run is marked profiled
     python benchmarks/gpu_bench.py trace-summary PATH.trace.json.gz
-        per profiled step: its wall time, how long the GPU was busy (the union of kernel intervals),
-        the idle gaps, and kernel time by the operator that launched it
+        per profiled step: its wall time, how long the GPU was busy (the union of kernel and copy
+        intervals), the idle gaps, operator calls per thread, and GPU time by the launching operator
     python benchmarks/gpu_bench.py report r1.json r2.json runs.jsonl ... --goals issue8 --json gpu_bench.json
         the table, the goals of issue 8 (or issue4) checked, one JSON with device, versions and date;
         a .jsonl holds one run a line (bench_lib.sh appends each run there as it ends, so that the
@@ -299,10 +299,11 @@ class StepClock:
 
 @contextlib.contextmanager
 def step_profiler(path: str | None, warmup: int, steps: int):
-    """``torch.profiler`` over up to 3 of the ``steps`` timed steps, after ``warmup`` + 1 (None: no profiling).
-    Writes PATH (the busiest operators by device time and by CPU time, and the device's busy fraction of the
-    profiled wall time, which says whether the steps wait on the GPU or on Python and kernel launches) and
-    PATH.trace.json.gz. The profiler slows the steps it records: a profiled run's figures are marked so."""
+    """``torch.profiler`` over the last (up to 3) of the ``warmup`` + ``steps`` steps, after one step of the
+    profiler's own warm-up (None: no profiling). Writes PATH (``trace_summary``, then the busiest operators by
+    device and by CPU time) and PATH.trace.json.gz. The recording stops, and is processed and written, after
+    the last step's clock reading, so that work lands in no timed step; the profiled steps themselves are
+    slowed, and the run's figures are marked so."""
     if not path:
         yield None
         return
@@ -327,19 +328,22 @@ def step_profiler(path: str | None, warmup: int, steps: int):
         Path(path).write_text("\n".join(lines))
         print(lines[0])
 
-    with profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=active, repeat=1),
+    idle = warmup + steps - active - 1  # the profiler's own warm-up step, then the last `active` steps
+    with profile(activities=activities, schedule=schedule(wait=idle, warmup=1, active=active, repeat=1),
                  on_trace_ready=written) as prof:
         yield prof
 
 
 def trace_summary(trace: dict, top: int = 12) -> list[str]:
     """Lines describing each profiled step of a Chrome trace (``torch.profiler``'s export): wall time,
-    GPU busy time as the union of kernel intervals (so overlapping kernels count once), idle gaps over
-    1 ms, and kernel time by the innermost operator that launched the kernel."""
+    GPU busy time as the union of the intervals of kernels and memory copies (overlaps count once), idle
+    time and gaps over 1 ms, operator calls per thread, and GPU time by the innermost operator that
+    launched the work."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     steps = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep")),
                    key=lambda e: e["ts"])
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
     launches = {e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")}
     operators: dict = {}
     for e in events:
@@ -363,17 +367,17 @@ def trace_summary(trace: dict, top: int = 12) -> list[str]:
             launcher = operators.get(k["args"].get("External id"))
             name = min(launcher, key=lambda o: o["dur"])["name"] if launcher else "(no operator)"
             by_operator[name] = by_operator.get(name, 0.0) + k["dur"]
-        calls: dict = {}  # operator calls by thread: the main one, then autograd's (backward, recomputation)
+        calls = {step["tid"]: 0}  # operator calls by thread: the step's own first, then autograd's
         for e in events:
             if e.get("cat") == "cpu_op" and begin <= e["ts"] <= end:
                 calls[e["tid"]] = calls.get(e["tid"], 0) + 1
         lines.append(f"{step['name']}: {step['dur'] / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms "
-                     f"({busy / max(step['dur'], 1e-9):.0%}; union of {len(mine)} kernels), idle before and between "
-                     f"kernels {idle / 1e3:.1f} ms ({long_gaps} gaps over 1 ms), operator calls by thread "
+                     f"({busy / max(step['dur'], 1e-9):.0%}; union of {len(mine)} kernels and copies), idle before "
+                     f"and between them {idle / 1e3:.1f} ms ({long_gaps} gaps over 1 ms), operator calls by thread "
                      + " + ".join(f"{n:,}" for n in calls.values()))
         for name, micros in sorted(by_operator.items(), key=lambda kv: -kv[1])[:top]:
             lines.append(f"    {micros / 1e3:8.2f} ms  {name}")
-    return lines or ["no profiled steps with kernels in this trace"]
+    return lines or ["no profiled steps in this trace"]
 
 
 def print_trace_summary(args) -> None:
@@ -748,8 +752,8 @@ def parser() -> argparse.ArgumentParser:
                          help="run a paged optimizer unpaged (check-paged failed): " + ", ".join(
                              f"{a} -> {b}" for a, b in UNPAGED.items()))
         run.add_argument("--profile", metavar="PATH",
-                         help="profile up to 3 timed steps (after one more warm-up) with torch.profiler: the table "
-                              "to PATH, the trace to PATH.trace.json.gz; it slows them")
+                         help="profile the last (up to 3) timed steps with torch.profiler: the table to PATH, the "
+                              "trace to PATH.trace.json.gz; it slows them")
         run.add_argument("--label", required=True)
         run.add_argument("--variant", default="", help="names the --set overrides of an extra run (EXTRA_RUNS); "
                          "the goals are judged on runs without one, variants against their plain twin")

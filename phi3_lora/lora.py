@@ -66,10 +66,11 @@ def skip_adapter_input_casts(model) -> int:
     when there is no dropout) and each adapted layer saves two full-width casts of its input forward,
     and their two backward. peft's own 4-bit layers already skip the cast under autocast. Without
     autocast a 16-bit input would meet float32 adapter weights: the loop calls this only under it.
+    Layers with a variant (DoRA) keep the cast: DoRA computes its weight norm in the input's dtype.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not getattr(m, "lora_variant", None)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
     return len(layers)

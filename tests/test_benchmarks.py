@@ -38,14 +38,14 @@ def test_ours_and_trl_train_the_same_tokens_and_report(tmp_path):
                     "--set", "training.gradient_checkpointing=true"], timeout=300)
         results[side] = json.loads(out.read_text())
     ours, trl = results["ours"], results["trl"]
-    for side in ("ours", "trl"):  # --profile: steps warmup + 2 and + 3 (the first timed one warms the profiler up)
+    for side in ("ours", "trl"):  # --profile: the last two of the 5 steps (recording step n is labelled n - 1)
         table = (tmp_path / f"{side}.profile").read_text()
-        assert re.match(r"2 steps profiled in \d+\.\d{3} s of wall time\n\nProfilerStep#3: .* GPU busy 0\.0 ms .*"
+        assert re.match(r"2 steps profiled in \d+\.\d{3} s of wall time\n\nProfilerStep#3: .* GPU busy \d+\.\d ms .*"
                         r"operator calls by thread \d", table), table[:300]
         assert "aten::mm" in table and "sorted by self_cpu_time_total" in table
         with gzip.open(tmp_path / f"{side}.profile.trace.json.gz", "rt") as f:
             profiled = {e["name"] for e in json.load(f)["traceEvents"] if e["name"].startswith("ProfilerStep")}
-        assert profiled == {f"ProfilerStep#{warmup + 1}", f"ProfilerStep#{warmup + 2}"}, profiled
+        assert profiled == {f"ProfilerStep#{warmup + steps - 2}", f"ProfilerStep#{warmup + steps - 1}"}, profiled
         assert results[side]["profiled"] is True
 
     for r in (ours, trl):
@@ -105,9 +105,26 @@ def test_trace_summary_counts_overlapping_kernels_once_and_names_their_operators
               *kernel(2_000, 3_000, 7, 1, 200), *kernel(4_000, 2_000, 7, 2, 300),
               *kernel(8_000, 1_000, 8, 3, 720), *kernel(-5_000, 1_000, 8, 4, -6_000)]
     lines = gpu_bench.trace_summary({"traceEvents": events})
-    assert lines[0] == ("ProfilerStep#4: 10.0 ms, GPU busy 5.0 ms (50%; union of 3 kernels), idle before and "
-                        "between kernels 4.0 ms (2 gaps over 1 ms), operator calls by thread 3 + 1")
+    assert lines[0] == ("ProfilerStep#4: 10.0 ms, GPU busy 5.0 ms (50%; union of 3 kernels and copies), idle "
+                        "before and between them 4.0 ms (2 gaps over 1 ms), operator calls by thread 3 + 1")
     assert lines[1:] == ["        5.00 ms  aten::mm", "        1.00 ms  aten::add"]  # mm: 3 + 2 ms, overlap or not
+
+
+def test_step_profiler_records_the_last_steps_and_writes_after_them(tmp_path):
+    """8 steps (2 warm-up + 6 timed): the last 3 are recorded, and the trace is processed and written in the
+    step() after the last step's work, which StepClock calls after its last reading: in no timed step."""
+    import torch
+    path = tmp_path / "profile.txt"
+    written_before = []
+    with gpu_bench.step_profiler(str(path), warmup=2, steps=6) as profiler:
+        for _ in range(8):
+            torch.ones(3, 3) @ torch.ones(3, 3)
+            written_before.append(path.exists())
+            profiler.step()
+    assert written_before == [False] * 8 and path.read_text().startswith("3 steps profiled in ")
+    with gzip.open(f"{path}.trace.json.gz", "rt") as f:
+        labels = {e["name"] for e in json.load(f)["traceEvents"] if e["name"].startswith("ProfilerStep")}
+    assert labels == {"ProfilerStep#5", "ProfilerStep#6", "ProfilerStep#7"}  # steps 6-8: step n is labelled n - 1
 
 
 def test_step_clock_times_the_steps_after_warmup():

@@ -228,3 +228,14 @@ def test_adapter_inputs_stay_16_bit_under_autocast_with_the_same_numbers(tmp_pat
     assert grads_skipped.keys() == grads_peft.keys() and len(grads_peft) == 16
     for name, grad in grads_peft.items():
         assert grad.dtype == torch.float32 and torch.equal(grads_skipped[name], grad), name
+
+
+@pytest.mark.parametrize("settings", [(), ("model.dtype=bfloat16", "training.mixed_precision=bf16",
+                                             "lora.use_dora=true")], ids=["float32-no-autocast", "bf16-autocast-dora"])
+def test_adapter_input_casts_stay_without_autocast_and_for_dora(tmp_path, settings):
+    """Without autocast a 16-bit input would meet float32 adapters; DoRA computes its weight norm in the input's
+    dtype: in both cases every adapted layer keeps peft's cast."""
+    trainer = fresh_trainer(tmp_path, *settings)
+    layers = [m for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert len(layers) == 8 and all(m.cast_input_dtype_enabled for m in layers)
+    assert bool(trainer.accelerator.native_amp) == bool(settings)

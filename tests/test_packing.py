@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3_lora.config import load_config
+from conftest import in_process_trainer
+from phi3_lora.config import ConfigError, load_config
 from phi3_lora.data import IGNORE_INDEX, Collator, TrainItems, build_datasets, use_chat_template
 from phi3_lora.lora import attach_lora
 from phi3_lora.loop import long_context_threshold
@@ -119,8 +120,6 @@ def test_flex_attention_gives_packed_rows_the_losses_of_sdpa_under_a_sliding_win
     """model.attn_implementation=flex_attention (a GPU speed option): on the CPU its forward (PyTorch has
     no flex backward there) gives every packed example sdpa's loss, with a sliding window shorter than the
     examples so that the window's mask is exercised; training with it on the CPU is a one-line error."""
-    from phi3_lora.config import ConfigError
-    from phi3_lora.loop import Trainer
     cfg, tokenizer, train, model = setup()
     items = TrainItems(train, max_seq_len=400, packing=True, long_threshold=None)
     rows = items.rows[:2]
@@ -145,5 +144,5 @@ def test_flex_attention_gives_packed_rows_the_losses_of_sdpa_under_a_sliding_win
         return  # it trains there
     flex = load_config(None, [f"output_dir={tmp_path}", "model.attn_implementation=flex_attention"])
     with pytest.raises(ConfigError, match="^model.attn_implementation=flex_attention trains on CUDA GPUs only"):
-        Trainer(flex)
+        in_process_trainer(flex)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
