@@ -70,7 +70,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -298,12 +297,13 @@ class StepClock:
 
 
 @contextlib.contextmanager
-def step_profiler(path: str | None, warmup: int, steps: int):
+def step_profiler(path: str | None, warmup: int, steps: int, clock: StepClock | None = None):
     """``torch.profiler`` over the last (up to 3) of the ``warmup`` + ``steps`` steps, after one step of the
-    profiler's own warm-up (None: no profiling). Writes PATH (``trace_summary``, then the busiest operators by
-    device and by CPU time) and PATH.trace.json.gz. The recording stops, and is processed and written, after
-    the last step's clock reading, so that work lands in no timed step; the profiled steps themselves are
-    slowed, and the run's figures are marked so."""
+    profiler's own warm-up (None: no profiling), stepped by ``clock`` after each of its readings when given.
+    Writes PATH (``trace_summary``, then the busiest operators by device and by CPU time) and
+    PATH.trace.json.gz. The recording stops, and is processed and written, after the last step's clock
+    reading, so that work lands in no timed step; the profiled steps themselves are slowed, and the run's
+    figures are marked so."""
     if not path:
         yield None
         return
@@ -317,12 +317,9 @@ def step_profiler(path: str | None, warmup: int, steps: int):
     def written(prof) -> None:
         events = prof.key_averages()
         wall = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep")) / 1e6  # steps end synced
-        with tempfile.TemporaryDirectory() as tmp:
-            prof.export_chrome_trace(f"{tmp}/t.json")
-            text = Path(f"{tmp}/t.json").read_text()
-        with gzip.open(f"{path}.trace.json.gz", "wt") as trace:
-            trace.write(text)
-        lines = [f"{active} steps profiled in {wall:.3f} s of wall time", "", *trace_summary(json.loads(text)), ""]
+        prof.export_chrome_trace(f"{path}.trace.json.gz")  # gzipped by torch for a .gz path
+        lines = [f"{active} steps profiled in {wall:.3f} s of wall time", "",
+                 *trace_summary(read_trace(f"{path}.trace.json.gz")), ""]
         for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
             lines += [f"--- sorted by {key}", events.table(sort_by=key, row_limit=30, max_name_column_width=60), ""]
         Path(path).write_text("\n".join(lines))
@@ -331,6 +328,8 @@ def step_profiler(path: str | None, warmup: int, steps: int):
     idle = warmup + steps - active - 1  # the profiler's own warm-up step, then the last `active` steps
     with profile(activities=activities, schedule=schedule(wait=idle, warmup=1, active=active, repeat=1),
                  on_trace_ready=written) as prof:
+        if clock is not None:
+            clock.on_step_end = prof.step
         yield prof
 
 
@@ -380,9 +379,13 @@ def trace_summary(trace: dict, top: int = 12) -> list[str]:
     return lines or ["no profiled steps in this trace"]
 
 
+def read_trace(path: str) -> dict:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
 def print_trace_summary(args) -> None:
-    with gzip.open(args.trace, "rt") as f:
-        print("\n".join(trace_summary(json.load(f))))
+    print("\n".join(trace_summary(read_trace(args.trace))))
 
 
 def _synchronized_now() -> float:
@@ -470,8 +473,7 @@ def ours(args) -> None:
     trainer = TimedTrainer(cfg)
     memory = PeakMemory()
     memory.loaded()
-    with step_profiler(args.profile, args.warmup, args.steps) as profiler:
-        clock.on_step_end = profiler.step if profiler else None
+    with step_profiler(args.profile, args.warmup, args.steps, clock):
         summary = trainer.train()
     measured = memory.figures()
     predicted = estimate(cfg, model_shape(cfg)[0])
@@ -537,8 +539,7 @@ def trl(args) -> None:
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora), callbacks=[Clock()])
     memory = PeakMemory()
     memory.loaded()
-    with step_profiler(args.profile, args.warmup, args.steps) as profiler:
-        clock.on_step_end = profiler.step if profiler else None
+    with step_profiler(args.profile, args.warmup, args.steps, clock):
         trainer.train()
     measured = memory.figures()
     logged = [e for e in trainer.state.log_history if "loss" in e]

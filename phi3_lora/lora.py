@@ -58,8 +58,8 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
         return get_peft_model(model, peft_config(cfg))
 
 
-def skip_adapter_input_casts(model) -> int:
-    """Stop peft casting each adapter's input to float32 (its adapters' dtype); returns how many layers.
+def skip_adapter_input_casts(model) -> None:
+    """Stop peft casting each adapter's input to float32 (its adapters' dtype).
 
     Only for forwards under bf16/fp16 autocast, where the cast is a round trip: autocast casts the input
     back to 16 bits for the adapter's first matmul, so the adapters see the same values (bit for bit
@@ -70,10 +70,9 @@ def skip_adapter_input_casts(model) -> int:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not getattr(m, "lora_variant", None)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    return len(layers)
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer) and not getattr(layer, "lora_variant", None):
+            layer.cast_input_dtype_enabled = False
 
 
 def save_adapter(model, state_dict: dict[str, torch.Tensor], target) -> None:
