@@ -5,7 +5,8 @@ Two ways to compute the same number, chosen by ``training.loss_chunk_size`` (102
 - ``chunk_size=0``: the model returns logits for every position, as Hugging Face
   does; cross-entropy upcasts them to fp32. For Phi-3's 32,064-word vocabulary that is
   ``tokens x 32064 x 4`` bytes (0.5 GB at 4,096 tokens) plus as much again for their gradient.
-- ``chunk_size=N``: the model stops at the last hidden state (``logits_to_keep`` = no position);
+- ``chunk_size=N``: the model stops at the last hidden state (``logits_to_keep`` = no position,
+  the state taken by a hook on the final norm);
   only the supervised positions are kept, and ``lm_head`` + cross-entropy run over N of them at a
   time, each chunk's gradient for the hidden state computed in the same pass (``lm_head`` is
   frozen), so logits exist for at most N tokens and are never recomputed: the same two ``lm_head``
@@ -42,14 +43,26 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
         logits = model(**inputs, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    # Only the last hidden state ([-1]; transformers >= 5.24 selects by index, older ones return all): under
-    # bf16/fp16 mixed precision accelerate casts every tensor the model returns to float32, and all 33 of
-    # Phi-3-mini's would cost 33 x 4 bytes a token and hidden unit (1.7 GB at 4,096 tokens) at the loss.
-    outputs = model(**inputs, use_cache=False, output_hidden_states=[-1],
-                    logits_to_keep=NO_POSITIONS.to(targets.device))
-    hidden = outputs.hidden_states[-1][:, :-1]  # after the final norm: what lm_head would see
+    hidden = last_hidden_state(model, inputs)[:, :-1]
     supervised = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # one device sync for both selections
     return chunked_cross_entropy(hidden[supervised], targets[supervised], output_head(model), chunk_size)
+
+
+def last_hidden_state(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's last hidden state after its final norm (what ``lm_head`` sees), with ``lm_head`` run on no position.
+
+    Taken by a forward hook on the final norm rather than with ``output_hidden_states``: that option has
+    transformers hook every decoder layer (Python work per layer, and a graph break in each layer that
+    ``training.compile`` compiles, which then runs eagerly under gradient checkpointing), and under bf16/fp16
+    mixed precision accelerate casts what the model returns to float32 (a copy of the state and of its gradient).
+    """
+    captured = []
+    handle = final_norm(model).register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=NO_POSITIONS.to(inputs["input_ids"].device))
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
@@ -105,9 +118,18 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
 def output_head(model) -> torch.nn.Module:
     """``lm_head`` of ``model`` through the DDP / DeepSpeed (``.module``) and PEFT wrappers."""
+    return _unwrapped(model).get_output_embeddings()
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The decoder's last norm (``model.model.norm`` of Phi-3) through the same wrappers."""
+    return _unwrapped(model).get_decoder().norm
+
+
+def _unwrapped(model):
     while hasattr(model, "module"):
         model = model.module
-    return model.get_output_embeddings()
+    return model
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:

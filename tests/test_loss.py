@@ -124,25 +124,29 @@ def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packi
     assert len(module_rows) == 2 and set(module_rows) == {0}
 
 
-def test_chunked_loss_asks_for_the_last_hidden_state_only_under_mixed_precision(tmp_path):
-    """bf16 autocast as on a GPU (accelerate's native AMP, here on the CPU): accelerate casts every tensor the
-    model returns to float32, so the chunked loss must get one hidden state back, not one per layer + 1."""
+def test_chunked_loss_takes_the_last_hidden_state_by_a_hook_under_mixed_precision(tmp_path):
+    """bf16 autocast as on a GPU (accelerate's native AMP, here on the CPU): the model is asked for no hidden
+    states (transformers would hook every decoder layer, and accelerate cast what is returned to float32); the
+    final norm's bf16 output is taken by a hook, which is removed afterwards."""
+    from phi3_lora.loss import final_norm, output_head
     trainer = fresh_trainer(tmp_path, "model.dtype=bfloat16", "training.mixed_precision=bf16", "model.tiny_layers=3")
     assert trainer.accelerator.native_amp
-    returned = []
+    returned, heads_seen = [], []
     forward = trainer.model.forward  # accelerate's wrapper: autocast, then outputs cast to float32
 
     def recording(**kwargs):
         returned.append(forward(**kwargs))
         return returned[-1]
     trainer.model.forward = recording
+    output_head(trainer.model).register_forward_pre_hook(lambda m, args: heads_seen.append(args[0]))
     batch = next(trainer._batches_of_epoch())[0]
     with trainer.accelerator.autocast():
         chunked = token_loss_sum(trainer.model, batch, chunk_size=7)
         whole = token_loss_sum(trainer.model, batch, chunk_size=0)
-    states = returned[0].hidden_states
-    assert len(states) == 4 and [s is None for s in states] == [True, True, True, False]
-    assert states[-1].dtype == torch.float32  # accelerate's cast did run on what was returned
+    assert returned[0].hidden_states is None and returned[0].logits.shape[1] == 0
+    assert heads_seen[0].shape[1] == 0 and heads_seen[1].shape[1] == batch["input_ids"].shape[1]
+    assert heads_seen[1].dtype == torch.bfloat16  # what the final norm hands lm_head, and the hook took
+    assert not final_norm(trainer.model)._forward_hooks
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-2)
 
 
@@ -170,17 +174,25 @@ def test_chunked_loss_refuses_a_trainable_head():
         chunked_cross_entropy(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.nn.Linear(4, 5), 2)
 
 
-def test_compiled_layers_train_like_eager_ones(tmp_path):
-    """training.compile: the same losses and adapter as eager (2 steps, fixed shapes: one compilation)."""
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_compiled_layers_train_like_eager_ones(tmp_path, checkpointing):
+    """training.compile: the same losses and adapter as eager (2 steps, fixed shapes: one compilation), and
+    each layer one whole graph, also inside gradient checkpointing (a graph break there runs the layer eagerly)."""
     from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
     runs = {}
     for compiled in ("false", "true"):
         out = tmp_path / compiled
         trainer = fresh_trainer(out, "data.max_seq_len=64", "training.per_device_batch_size=2",
-                                "training.max_steps=2", f"training.compile={compiled}")
+                                "training.max_steps=2", f"training.compile={compiled}",
+                                f"training.gradient_checkpointing={checkpointing}")
         layers = [m for m in trainer.model.modules() if type(m).__name__ == "Phi3DecoderLayer"]
         assert len(layers) == 2 and all((m._compiled_call_impl is not None) == (compiled == "true") for m in layers)
+        assert all(m.gradient_checkpointing == (checkpointing == "true") for m in layers)
+        counters.clear()
         summary = trainer.train()
+        if compiled == "true":
+            assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
         runs[compiled] = ([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()],
                           load_file(out / "adapter" / "adapter_model.safetensors"), summary)
     (eager_losses, eager, _), (losses, compiled, summary) = runs["false"], runs["true"]
