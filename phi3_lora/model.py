@@ -143,6 +143,9 @@ def compile_decoder_layers(model) -> int:
     would under ``torch.compile(model)``'s ``_orig_mod.`` wrapper.
     """
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if any(getattr(m, "lora_magnitude_vector", None) for m in model.modules()):
+        logger.warning("training.compile with lora.use_dora: peft's DoRA layers break each compiled decoder layer's "
+                       "graph at every adapted linear (dequantize_module_weight), so compiling gains little")
     for layer in layers:
         layer.compile()
     return len(layers)
