@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["phi3_lora", "phi3_lora.*"]),
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.5",  # flex attention, is_bf16_supported(including_emulation=)
         "accelerate>=1.10",
         "transformers>=5.0",
         "peft>=0.17",

@@ -4,8 +4,8 @@
 #
 # Settings (environment):
 #   PYTHON=python3          the interpreter with phi3-lora's dependencies (pip install -e '.[bench]')
-#   SHAPE=phi3-mini         or tiny: the same plumbing on the CPU with a tiny model (no GPU figures)
-#   SEQS="2048 4096"        the short and the long sequence length ("128 256" with SHAPE=tiny)
+#   SHAPE=phi3-mini         or tiny (tiny-deep: 32 layers): the same plumbing on the CPU (no GPU figures)
+#   SEQS="2048 4096"        the short and the long sequence length ("128 256" with SHAPE=tiny*)
 #   WARMUP=3 STEPS=10       untimed, then timed optimizer steps of every run
 #   RESULTS=benchmarks/results   where the report's JSON goes (every run's figures are in it), and
 #                           NAME.runs.jsonl (NAME: the script's), each run's figures appended as it ends, so
@@ -25,7 +25,7 @@ MODEL_DIR=${MODEL_DIR:-$WORK/model-$SHAPE}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-10}
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
-if [ "$SHAPE" = tiny ]; then SEQS=${SEQS:-"128 256"}; else SEQS=${SEQS:-"2048 4096"}; fi
+if [[ $SHAPE == tiny* ]]; then SEQS=${SEQS:-"128 256"}; else SEQS=${SEQS:-"2048 4096"}; fi
 read -r SHORT LONG MORE <<< "$SEQS" || true
 if [ -z "${LONG:-}" ] || [ -n "${MORE:-}" ]; then
     echo "SEQS must hold two sequence lengths, the short one first (got '$SEQS')" >&2

@@ -4,7 +4,7 @@ Driven by ``benchmarks/gpu_bench.sh`` (issue 8: LoRA-bf16 and QLoRA, ours next t
 ``benchmarks/gpu_qlora.sh`` (issue 4: QLoRA's peak next to the estimator's); read those first. Each
 run is one process, so that each peak is its own:
 
-    python benchmarks/gpu_bench.py make-model --dir DIR [--shape phi3-mini|tiny] [--require trl bitsandbytes]
+    python benchmarks/gpu_bench.py make-model --dir DIR [--shape phi3-mini|tiny|tiny-deep] [--require trl bitsandbytes]
         a randomly initialised Phi-3-mini of the real shape (speed and memory do not depend on the
         weights' values; no download), built in bf16 directly on the GPU, saved with the byte-level
         tokenizer of phi3_lora.tiny; reused when DIR already holds it. Fails at once, saying what to
@@ -106,7 +106,7 @@ def make_model(args) -> None:
     from phi3_lora.tiny import tiny_tokenizer
     from transformers import Phi3ForCausalLM
 
-    if args.shape != "tiny" and not torch.cuda.is_available():
+    if args.shape not in TINY_LAYERS and not torch.cuda.is_available():
         raise SystemExit(f"no CUDA GPU here: the {args.shape} benchmark needs one (SHAPE=tiny runs the same "
                          "plumbing on the CPU with a tiny model)")
     config = model_config(args.shape)
@@ -189,14 +189,19 @@ def check_paged(args) -> None:
 UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}
 
 
+# The CPU shapes, 64 wide: tiny runs the plumbing; tiny-deep has Phi-3-mini's 32 layers, so per-operator overhead
+# dominates its steps, as in the GPU's CPU-bound runs (seq 2048 with checkpointing).
+TINY_LAYERS = {"tiny": 2, "tiny-deep": 32}
+
+
 def model_config(shape: str):
     """Phi3Config of Phi-3-mini-4k-instruct (from phi3_lora.architectures), or of a tiny model."""
     from phi3_lora.architectures import known_shape
     from phi3_lora.tiny import tiny_phi3_config, tiny_tokenizer
     from transformers import Phi3Config
 
-    if shape == "tiny":
-        return tiny_phi3_config(tiny_tokenizer(), hidden=64)
+    if shape in TINY_LAYERS:
+        return tiny_phi3_config(tiny_tokenizer(), layers=TINY_LAYERS[shape], hidden=64)
     s = known_shape("microsoft/Phi-3-mini-4k-instruct")
     return Phi3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                       num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
@@ -739,7 +744,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-model", help="build (or reuse) the random model and check what the runs need")
     make.add_argument("--dir", required=True)
-    make.add_argument("--shape", choices=("phi3-mini", "tiny"), default="phi3-mini")
+    make.add_argument("--shape", choices=("phi3-mini", *TINY_LAYERS), default="phi3-mini")
     make.add_argument("--require", nargs="*", choices=sorted(OPTIONAL), default=[])
     for side in ("ours", "trl"):
         run = sub.add_parser(side, help=f"one run of {'our loop' if side == 'ours' else 'trl SFTTrainer'}")

@@ -283,7 +283,9 @@ def verify_checkpoint(path: Path) -> dict:
     try:
         info = json.loads(marker.read_text())
         files = info["files"]
-    except (json.JSONDecodeError, KeyError):
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{marker}: damaged marker file") from None
     for name, digest in files.items():
         file = path / name

@@ -20,9 +20,16 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 EXIT_USER_ERROR = 2
 
 
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """Overrides on both sides of the options, ``a=1 --config X b=2`` (scripts/slurm/job.sh puts its own first)."""
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
+
+
 def config_parser(description: str, epilog_keys: bool = True) -> argparse.ArgumentParser:
     """A parser taking ``--config PATH`` and free ``KEY=VALUE`` overrides; ``--help`` lists every key."""
-    parser = argparse.ArgumentParser(
+    parser = ConfigArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=("settings (KEY=VALUE, dotted):" + help_text()) if epilog_keys else None)
     parser.add_argument("--config", help="training recipe (YAML); default: the embedded demo")

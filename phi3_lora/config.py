@@ -377,14 +377,20 @@ def validate(cfg: Config) -> None:
     t = cfg.training
     if t.warmup_ratio >= 1:
         raise ConfigError(f"training.warmup_ratio: must be below 1, got {t.warmup_ratio}")
-    if not 0 <= cfg.lora.dropout < 1:
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    for key, value in (("lora.dropout", cfg.lora.dropout), ("training.adam_beta1", t.adam_beta1),
+                       ("training.adam_beta2", t.adam_beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"training.seed: must be in [0, 2**32), got {t.seed}")
     if t.max_steps == 0:
         raise ConfigError("training.max_steps: must be positive, or -1 to derive it from num_epochs")
     import signal
     for name in t.preemption_signals:
-        if not name.startswith("SIG") or not hasattr(signal, name):
+        if name not in signal.Signals.__members__:
             raise ConfigError(f"training.preemption_signals: unknown signal '{name}' (e.g. SIGTERM, SIGUSR1)")
+        if name in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"training.preemption_signals: {name} cannot be caught (SLURM sends SIGTERM first)")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: name at least one module (or all-linear)")
     _validate_lora_backend(cfg.lora)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DataConfig
-from .formats import DataError, detect_format, read_rows, to_messages
+from .config import ConfigError, DataConfig
+from .formats import DataError, detect_format, is_single_file, read_rows, to_messages
 from .tiny import PHI3_CHAT_TEMPLATE
 
 IGNORE_INDEX = -100
@@ -102,16 +102,19 @@ def _normalise(rows, fmt: str, source: str) -> list[list[dict]]:
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: DataConfig, source: str,
-                           first_id: int = 0) -> TokenizedSplit:
-    """Encode conversations with ``datasets.map`` and apply ``data.max_seq_len`` / ``data.overlong``."""
+                           first_id: int = 0, rows: list[int] | None = None) -> TokenizedSplit:
+    """Encode conversations with ``datasets.map`` and apply ``data.max_seq_len`` / ``data.overlong``.
+
+    ``rows``: each conversation's row in ``source``, for errors (default: their order)."""
     import datasets
 
     encoder = ConversationEncoder(tokenizer, cfg.train_on_prompt)
+    rows = rows if rows is not None else list(range(len(conversations)))
     table = datasets.Dataset.from_dict({"messages": conversations,
                                         "example_id": list(range(first_id, first_id + len(conversations)))})
 
     def encode(row):
-        out = encoder.encode(row["messages"], f"{source} row {row['example_id'] - first_id}")
+        out = encoder.encode(row["messages"], f"{source} row {rows[row['example_id'] - first_id]}")
         n = len(out["input_ids"])
         out["was_truncated"] = n > cfg.max_seq_len
         if n > cfg.max_seq_len:
@@ -145,23 +148,35 @@ def _held_out_count(n: int, eval_size: float) -> int:
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit, TokenizedSplit | None]:
     """Load, normalise, split and tokenize the training data and the evaluation data (if any)."""
+    _check_split(cfg.path, cfg.split, "data.split")
+    _check_split(cfg.eval_path or cfg.path, cfg.eval_split, "data.eval_split")
     rows = read_rows(cfg.path, cfg.split, cfg.demo_size, seed=0)
     conversations = _normalise(rows, cfg.format, cfg.path)
-    eval_conversations = None
+    train_rows = list(range(len(conversations)))
+    eval_conversations, eval_rows, eval_source = None, None, cfg.path
     if cfg.eval_path or cfg.eval_split:
-        eval_rows = read_rows(cfg.eval_path or cfg.path, cfg.eval_split or cfg.split, cfg.demo_size, seed=1)
-        eval_conversations = _normalise(eval_rows, cfg.format, cfg.eval_path or f"{cfg.path}[{cfg.eval_split}]")
+        eval_source = cfg.eval_path or f"{cfg.path}[{cfg.eval_split}]"
+        eval_conversations = _normalise(read_rows(cfg.eval_path or cfg.path, cfg.eval_split or cfg.split,
+                                                  cfg.demo_size, seed=1), cfg.format, eval_source)
     else:
         n_eval = _held_out_count(len(conversations), cfg.eval_size)
-        if n_eval:
+        if n_eval:  # rows held out of the training file keep their row numbers there, for errors
             order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
-            eval_conversations = [conversations[i] for i in sorted(order[:n_eval])]
-            conversations = [conversations[i] for i in sorted(order[n_eval:])]
-    train = tokenize_conversations(conversations, tokenizer, cfg, cfg.path)
+            eval_rows, train_rows = sorted(order[:n_eval]), sorted(order[n_eval:])
+            eval_conversations = [conversations[i] for i in eval_rows]
+            conversations = [conversations[i] for i in train_rows]
+    train = tokenize_conversations(conversations, tokenizer, cfg, cfg.path, rows=train_rows)
     evaluation = None
     if eval_conversations:
-        evaluation = tokenize_conversations(eval_conversations, tokenizer, cfg, "eval data")
+        evaluation = tokenize_conversations(eval_conversations, tokenizer, cfg, eval_source, rows=eval_rows)
     return train, evaluation
+
+
+def _check_split(path: str, split: str | None, key: str) -> None:
+    """A split other than the default names nothing in a single local file: say so rather than read it all."""
+    if split and split != "train" and is_single_file(path):
+        raise ConfigError(f"{key}='{split}': {path} is a single file, which has no splits (hold rows out with "
+                          "data.eval_size, or give data.eval_path)")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -191,6 +206,14 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int, kinds: list[int]
     return rows
 
 
+def long_context_threshold(model_config) -> int | None:
+    """LongRoPE models switch rope factors past this many positions (see ``long_context_kinds``)."""
+    rope = getattr(model_config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "longrope":
+        return None
+    return rope.get("original_max_position_embeddings") or model_config.original_max_position_embeddings
+
+
 def long_context_kinds(lengths: list[int], threshold: int | None) -> list[int] | None:
     """1 for examples longer than ``threshold`` (LongRoPE's original context), else 0; None without one.
 
@@ -210,6 +233,7 @@ class TrainItems:
 
     def __init__(self, split: TokenizedSplit, max_seq_len: int, packing: bool, long_threshold: int | None):
         self.dataset = split.dataset
+        self.long_threshold = long_threshold
         self.example_lengths = lengths = [len(ids) for ids in self.dataset["input_ids"]]
         example_kinds = long_context_kinds(lengths, long_threshold)
         if packing:
@@ -263,6 +287,15 @@ def plan_epoch(num_items: int, epoch: int, seed: int, micro_batch_size: int, acc
         chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
     slots = accumulation * num_processes
     return [[chunk[j * num_processes + process_index::slots] for j in range(accumulation)] for chunk in chunks]
+
+
+def eval_plan(split: TokenizedSplit, batch_size: int, long_threshold: int | None, num_processes: int = 1,
+              process_index: int = 0) -> list[list[int]]:
+    """This process's evaluation batches, in order, each within one LongRoPE kind (see ``long_context_kinds``):
+    an example's loss does not depend on the batch size or on which examples share its batch."""
+    kinds = long_context_kinds([len(ids) for ids in split.dataset["input_ids"]], long_threshold)
+    steps = plan_epoch(len(split), 0, 0, batch_size, 1, num_processes, process_index, shuffle=False, kinds=kinds)
+    return [batch for (batch,) in steps]
 
 
 def steps_per_epoch(num_items: int, micro_batch_size: int, accumulation: int, num_processes: int,

@@ -28,6 +28,13 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 ROLES = ("system", "user", "assistant")
 
 
+SINGLE_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def is_single_file(path: str) -> bool:
+    return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
 def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int = 0) -> list[dict] | Any:
     """Rows of a local .json/.jsonl/.parquet file, a saved ``datasets`` directory or a hub dataset.
 
@@ -38,17 +45,22 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
         from .demo_data import demo_conversations
         return demo_conversations(demo_size, seed=seed)
     local = Path(path)
-    if local.suffix in (".json", ".jsonl"):
-        if not local.is_file():
-            raise DataError(f"data file not found: {path}")
+    if is_single_file(path) and not local.is_file():
+        raise DataError(f"data file not found: {path}")
+    if local.suffix.lower() in (".json", ".jsonl"):
         return _read_json(local)
     import datasets
-    if local.suffix == ".parquet":
-        if not local.is_file():
-            raise DataError(f"data file not found: {path}")
-        return datasets.Dataset.from_parquet(str(local))
+    if local.suffix.lower() == ".parquet":
+        try:
+            return datasets.Dataset.from_parquet(str(local))
+        except Exception as err:  # pyarrow's errors: a damaged or truncated file, not a parquet file at all
+            raise DataError(f"{path}: cannot read it as parquet ({str(err).splitlines()[0]})") from None
     if local.is_dir():
-        loaded = datasets.load_from_disk(str(local))
+        try:
+            loaded = datasets.load_from_disk(str(local))
+        except FileNotFoundError:
+            raise DataError(f"{path}: a directory, but not a dataset saved with save_to_disk (give a .json, "
+                            ".jsonl or .parquet file)") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(f"{path}: no split '{split}' (has {', '.join(loaded)})")
@@ -64,8 +76,19 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSON Lines, parsed below
+        else:
+            raise DataError(f"{path}: one JSON object; expected a list of rows, or one row per line (JSON Lines)")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:

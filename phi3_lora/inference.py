@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
+from .checkpoint import CheckpointError, load_adapter_state, read_safetensors
 from .config import Config, ConfigError, load_config
 from .loss import supervised_tokens, token_loss_sum
 from .model import load_model, load_tokenizer
@@ -62,13 +63,28 @@ def load_tokenizer_for(cfg: Config):
 
 
 def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None):
-    """The base model of ``cfg`` in eval mode, with the PEFT adapter at ``adapter`` on top if given."""
-    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed)
-    model.eval()
+    """The base model of ``cfg`` in eval mode, with the PEFT adapter at ``adapter`` on top if given.
+
+    The adapter goes through the training loop's checked loader, not ``PeftModel.from_pretrained`` (which
+    loads with ``strict=False`` unchecked): a damaged file, or an adapter of another model or rank, is a
+    one-line CheckpointError naming the file.
+    """
     if adapter is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter)))
-        model.eval()
+        path = check_adapter_dir(adapter)
+        weights = path / "adapter_model.safetensors"
+        state = read_safetensors(weights)  # before loading the base: a damaged file fails at once
+    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed)
+    if adapter is not None:
+        from peft import PeftConfig, PeftModel
+        try:
+            adapter_config = PeftConfig.from_pretrained(str(path))
+        except Exception as err:  # peft raises several types for a malformed config
+            raise CheckpointError(f"{path / 'adapter_config.json'}: {str(err).splitlines()[0]}") from None
+        adapter_config.inference_mode = False  # trainable until loaded: the loader checks every adapter parameter
+        model = PeftModel(model, adapter_config)
+        load_adapter_state(model, state, str(weights))
+        model.requires_grad_(False)
+    model.eval()
     return model
 
 
@@ -80,8 +96,9 @@ def dataset_loss(model, split: data_lib.TokenizedSplit, pad_token_id: int, batch
     collate = data_lib.Collator(pad_token_id)
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for start in tqdm(range(0, len(split), batch_size), desc=desc, dynamic_ncols=True):
-        batch = collate([[split.dataset[i]] for i in range(start, min(start + batch_size, len(split)))])
+    plan = data_lib.eval_plan(split, batch_size, data_lib.long_context_threshold(model.config))
+    for indices in tqdm(plan, desc=desc, dynamic_ncols=True):
+        batch = collate([[split.dataset[i]] for i in indices])
         batch = {k: v.to(device) for k, v in batch.items()}
         total += float(token_loss_sum(model, batch, chunk_size).double())
         tokens += supervised_tokens(batch)

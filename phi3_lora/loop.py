@@ -48,21 +48,30 @@ def make_accelerator(cfg: Config):
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     kwargs = {}
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # set by accelerate launch from its config
+    if ds_file and ds_file.lower() != "none" and not os.path.isfile(ds_file):
+        raise ConfigError(f"DeepSpeed config file '{ds_file}' (deepspeed_config_file of the accelerate config) not "
+                          f"found from {os.getcwd()}: launch from the repository root, or make the path absolute")
     if not torch.cuda.is_available():
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         else:
             kwargs["cpu"] = True
-    mixed = cfg.training.mixed_precision
-    if mixed == "auto":  # fp16 weights (also bf16's fallback on older GPUs) need fp16's loss scaling
-        weights = resolve_dtype(cfg.model.dtype) if torch.cuda.is_available() else None
-        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, "no")
     return Accelerator(
-        mixed_precision=mixed, log_with="tensorboard",
+        mixed_precision=mixed_precision(cfg), log_with="tensorboard",
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.training.gradient_accumulation_steps, sync_with_dataloader=False),
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
         **kwargs)
+
+
+def mixed_precision(cfg: Config) -> str:
+    """``training.mixed_precision`` resolved: "auto" follows the weights' dtype on a GPU, "no" on the CPU."""
+    mixed = cfg.training.mixed_precision
+    if mixed == "auto":  # fp16 weights (also bf16's fallback on older GPUs) need fp16's loss scaling
+        weights = resolve_dtype(cfg.model.dtype) if torch.cuda.is_available() else None
+        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights, "no")
+    return mixed
 
 
 def fill_deepspeed_config(accelerator, cfg: Config) -> None:
@@ -76,21 +85,19 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
         return
     t = cfg.training
     owned = {"train_micro_batch_size_per_gpu": t.per_device_batch_size, "gradient_clipping": t.max_grad_norm,
-             "gradient_accumulation_steps": t.gradient_accumulation_steps}
+             "gradient_accumulation_steps": t.gradient_accumulation_steps,
+             "train_batch_size": t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes}
     mismatches = []
     for key in owned:
         plugin.fill_match(key, mismatches, must_match=True, **owned)
+    wanted = mixed_precision(cfg)  # accelerate filled "auto" with it, kept explicit values and may have followed them
+    for dtype in ("bf16", "fp16"):
+        enabled = plugin.deepspeed_config.get(dtype, {}).get("enabled", False)
+        if str(enabled).lower() != str(wanted == dtype).lower():
+            mismatches.append(f"{dtype}.enabled={enabled} but training.mixed_precision resolves to {wanted}")
     if mismatches:
         raise ConfigError(f"the DeepSpeed config disagrees with the training config ({'; '.join(mismatches)}); "
                           "set those entries to \"auto\"")
-
-
-def long_context_threshold(model_config) -> int | None:
-    """LongRoPE models switch rope factors past this many positions (see data.long_context_kinds)."""
-    rope = getattr(model_config, "rope_parameters", None) or {}
-    if rope.get("rope_type") != "longrope":
-        return None
-    return rope.get("original_max_position_embeddings") or model_config.original_max_position_embeddings
 
 
 def loss_chunk_size(cfg: Config, accelerator) -> int:
@@ -170,7 +177,7 @@ class Trainer:
 
         model = self._build_model()
         self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing,
-                                               long_context_threshold(acc.unwrap_model(model).config))
+                                               data_lib.long_context_threshold(acc.unwrap_model(model).config))
         self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing)
         self.eval_collate = data_lib.Collator(self.tokenizer.pad_token_id)
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_items), t.per_device_batch_size,
@@ -215,10 +222,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(self.cfg.to_yaml())
             ckpt.remove_stale_temporaries(self.out)
-            trim_metrics(self.out / "metrics.jsonl", p.step)
-        # purge_step: TensorBoard drops events an interrupted run wrote after its last checkpoint
-        purge = {"tensorboard": {"purge_step": p.step + 1}} if self.resume_dir else {}
-        acc.init_trackers("tensorboard", init_kwargs=purge)
+            trim_metrics(self.out / "metrics.jsonl", p.step if self.resume_dir else -1)  # fresh: an old run's go
+        # purge_step: TensorBoard drops the events of this directory's earlier writers from that step on (those an
+        # interrupted run wrote after its last checkpoint; all of an earlier run's when this one starts afresh)
+        purge_step = p.step + 1 if self.resume_dir else 0
+        acc.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": purge_step}})
         self.log = RunLog(self.out, acc, enabled=acc.is_main_process)
         if self.resume_dir:
             acc.print(f"resumed from {self.resume_dir} at step {p.step} (epoch {p.epoch}, "
@@ -373,11 +381,11 @@ class Trainer:
         if self.eval_data is None:
             return None
         acc, t = self.accelerator, self.cfg.training
-        plan = data_lib.plan_epoch(len(self.eval_data), 0, 0, t.per_device_eval_batch_size, 1,
-                                   acc.num_processes, acc.process_index, shuffle=False)
+        plan = data_lib.eval_plan(self.eval_data, t.per_device_eval_batch_size, self.train_items.long_threshold,
+                                  acc.num_processes, acc.process_index)
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for (idx,) in plan:
+        for idx in plan:
             batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
@@ -548,11 +556,18 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines of steps after ``step`` (written after the checkpoint we resume from)."""
+    """Drop metrics.jsonl lines of steps after ``step`` (written after the checkpoint we resume from), and a
+    line torn by a kill mid-write."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class _StepClock:

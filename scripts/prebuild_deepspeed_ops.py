@@ -8,10 +8,13 @@ build is cached under ~/.cache/torch_extensions); does nothing where the ops do 
     python scripts/prebuild_deepspeed_ops.py
 """
 
+import argparse
+
 import torch
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if torch.cuda.is_available():
         return  # GPU machines use DeepSpeed's CUDA ops, built or loaded as needed
     from deepspeed.accelerator import get_accelerator

@@ -97,6 +97,36 @@ def test_evaluate_loss_and_generations(run):
     assert re.search(r"^id\s+turn\s+answer\s+base_answer\s+exact_match\s+contains\s+stopped$", proc.stdout, re.M)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", r"adapter_model.safetensors: not a valid safetensors file"),
+    ("another model",
+     r"adapter_model.safetensors: .*lora_A.default.weight has shape \(16, 256\), the model expects \(16, 128\)"),
+    ("keys missing", r"adapter_model.safetensors: 2 adapter parameters of the model are not in the file"),
+])
+def test_a_damaged_or_foreign_adapter_is_one_line(run, tmp_path, damage, message):
+    """evaluate.py (as chat.py and merge_adapter.py) loads the adapter with the checked loader."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    overrides = []
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "another model":
+        overrides = ["model.tiny_hidden_size=64"]
+    else:
+        state = load_file(weights)
+        save_file({k: v for k, v in state.items() if ".layers.0.self_attn.o_proj." not in k}, weights)
+    proc = run_script([sys.executable, EVALUATE, "--config", str(run / "config.yaml"), "--adapter", str(adapter),
+                       *overrides], env=ONE_THREAD, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = proc.stderr.strip().splitlines()
+    assert re.search(message, errors[-1]) and errors[-1].startswith("error: "), errors[-3:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_multi_turn_feeds_back_the_models_own_answer(run, loaded):
     """Turn 2 of an MT-bench prompt = a one-off answer to [turn 1, the model's answer 1, turn 2]."""
     _, tokenizer, model = loaded

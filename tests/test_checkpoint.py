@@ -342,3 +342,12 @@ def test_exact_resume_loralib_backend(tmp_path_factory, tmp_path):
     preempt_and_resume(tmp_path, 6, *loralib)
     assert_identical(reference, tmp_path)
     assert (tmp_path / "adapter" / "loralib_adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("marker", ["[]", '{"files": ["a"]}', '{"files": {"a": 1}}', '{"step": 3}', "{not json"])
+def test_a_marker_of_the_wrong_shape_is_a_damaged_marker(tmp_path, marker):
+    path = ckpt.step_directory(tmp_path, 3)
+    path.mkdir(parents=True)
+    (path / ckpt.MARKER).write_text(marker)
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.MARKER}: damaged marker file$"):
+        ckpt.verify_checkpoint(path)

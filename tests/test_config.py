@@ -38,6 +38,10 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("training.gradient_checkpointing=maybe", "training.gradient_checkpointing: expected true or false"),
     ("training.lr_scheduler=exp", "training.lr_scheduler: 'exp' is not one of linear, cosine, constant"),
     ("lora.dropout=1.5", "lora.dropout: must be in [0, 1), got 1.5"),
+    ("training.adam_beta1=1.5", "training.adam_beta1: must be in [0, 1), got 1.5"),
+    ("training.seed=-1", "training.seed: must be in [0, 2**32), got -1"),
+    ("training.preemption_signals=[SIGKILL]", "training.preemption_signals: SIGKILL cannot be caught"),
+    ("training.preemption_signals=[SIG_DFL]", "training.preemption_signals: unknown signal 'SIG_DFL'"),
     ("training.max_steps", "expected KEY=VALUE"),
 ])
 def test_bad_settings_name_the_key(override, message):
@@ -45,6 +49,16 @@ def test_bad_settings_name_the_key(override, message):
         load_config(None, [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_overrides_may_come_on_both_sides_of_config(tmp_path):
+    """scripts/slurm/job.sh passes its training.resume_from=auto before the user's --config and overrides."""
+    from phi3_lora.cli import config_from_args, config_parser
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora:\n  r: 4\n")
+    args = config_parser("t").parse_args(["training.resume_from=auto", "--config", str(recipe), "lora.alpha=8"])
+    cfg = config_from_args(args)
+    assert (cfg.training.resume_from, cfg.lora.r, cfg.lora.alpha) == ("auto", 4, 8.0)
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from phi3_lora.config import load_config
+from phi3_lora.config import ConfigError, load_config
 from phi3_lora.data import (IGNORE_INDEX, Collator, ConversationEncoder, build_datasets, plan_epoch,
                             use_chat_template)
 from phi3_lora.formats import DataError, detect_format, read_rows, to_messages
@@ -113,6 +113,61 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path.write_text(f"{good}\n{good}\n{{not json\n")
     with pytest.raises(DataError, match=r"d.jsonl line 3: not valid JSON"):
         read_rows(str(path))
+
+
+def _chat(user="a", system=None):
+    turns = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": "b"}]}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("saved", None, r"saved: a directory, but not a dataset saved with save_to_disk"),
+    ("bad.parquet", b"not parquet at all", r"bad.parquet: cannot read it as parquet"),
+    ("latin1.jsonl",
+     (json.dumps(_chat()) + "\n" + json.dumps(_chat("caf\u00e9"), ensure_ascii=False)).encode("latin-1"),
+     r"latin1.jsonl line 2: not UTF-8 text"),
+    ("one.json", json.dumps(_chat(), indent=2).encode(), r"one.json: one JSON object; expected a list of rows"),
+    ("missing.jsonl", None, r"data file not found: .*missing.jsonl"),
+])
+def test_files_that_are_not_data_get_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if name == "saved":
+        path.mkdir()
+        (path / "rows.jsonl").write_text(json.dumps(_chat()))
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        read_rows(str(path))
+    assert "\n" not in str(err.value)
+
+
+def test_suffixes_are_read_in_any_case(tmp_path):
+    path = tmp_path / "UP.JSONL"
+    path.write_text(json.dumps(_chat("x")) + "\n" + json.dumps(_chat("y")))
+    assert [row["messages"][0]["content"] for row in read_rows(str(path))] == ["x", "y"]
+
+
+@pytest.mark.parametrize("override", ["data.eval_split=test", "data.split=test"])
+def test_a_split_of_a_single_file_is_an_error_not_the_whole_file(tmp_path, override):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(_chat(str(i))) for i in range(10)))
+    cfg = load_config(None, [f"data.path={path}", override])
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}='test': .*d.jsonl is a single file, which has no splits"):
+        build_datasets(cfg.data, tiny_tokenizer(), seed=0)
+
+
+def test_errors_in_held_out_rows_name_their_row_in_the_file(tmp_path):
+    """Held-out evaluation rows are taken out of the file before tokenization; an error still names the row's
+    place in the file (row 30 here, the only one with a system message, which the tokenizer's template drops)."""
+    path = tmp_path / "d.jsonl"
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(shared_path("phi3-tokenizer", "hf")))  # its own template, unchanged
+    path.write_text("\n".join(json.dumps(_chat(str(i), system="Be brief." if i == 30 else None)) for i in range(40)))
+    for eval_size in (0, 4, 0.5):
+        cfg = load_config(None, [f"data.path={path}", f"data.eval_size={eval_size}", "data.chat_template=tokenizer"])
+        with pytest.raises(DataError, match=r"d.jsonl row 30: the chat template drops the system message"):
+            build_datasets(cfg.data, tok, seed=0)
 
 
 def test_unknown_format_names_the_keys():

@@ -1,4 +1,5 @@
-"""FLOP counting and MFU against hand-computed cases; telemetry scalars in a real run."""
+"""FLOP counting and MFU against hand-computed cases; telemetry scalars in a real run; metrics.jsonl and
+TensorBoard across runs into one directory."""
 
 import json
 from types import SimpleNamespace
@@ -6,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import FAST, in_process_trainer, read_metrics, train
+from phi3_lora.config import load_config
 from phi3_lora.metrics import (attended_keys, examples_flops_per_token, matmul_parameters, mfu, peak_flops,
                                train_flops_per_token)
 
@@ -81,3 +83,32 @@ def test_telemetry_scalars_are_logged(tmp_path):
     events.Reload()
     assert {"train/peak_memory_gb", "train/step_forward_backward_seconds",
             "train/total_tokens_per_second"} <= set(events.Tags()["scalars"])
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_metrics_and_tensorboard(tmp_path):
+    """Twice into one output_dir with no checkpoint: metrics.jsonl and TensorBoard hold the second run's steps
+    once each (TensorBoard purges the first writer's events from step 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = []
+    for lr in ("1e-3", "3e-3"):
+        overrides = [*FAST, f"output_dir={tmp_path}", "training.max_steps=3", f"training.learning_rate={lr}",
+                     "training.eval_steps=3", "data.eval_size=8"]
+        in_process_trainer(load_config(None, overrides)).train()
+        runs.append(read_metrics(tmp_path))
+    first, second = runs
+    assert [m["step"] for m in second] == [m["step"] for m in first] == [0, 1, 2, 3, 3]
+    assert [m.get("loss") for m in second] != [m.get("loss") for m in first]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in second if "loss" in m]
+
+
+def test_metrics_are_trimmed_to_the_resumed_step_and_a_torn_line_dropped(tmp_path):
+    from phi3_lora.loop import trim_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    trim_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    trim_metrics(path, -1)
+    assert path.read_text() == ""

@@ -12,7 +12,6 @@ from conftest import in_process_trainer
 from phi3_lora.config import ConfigError, load_config
 from phi3_lora.data import IGNORE_INDEX, Collator, TrainItems, build_datasets, use_chat_template
 from phi3_lora.lora import attach_lora
-from phi3_lora.loop import long_context_threshold
 from phi3_lora.loss import token_loss_sum
 from phi3_lora.model import load_model, load_tokenizer
 
@@ -85,6 +84,7 @@ def test_packing_is_not_isolated_with_a_cache():
 
 def test_longrope_one_long_example_changes_a_short_ones_loss_unless_kept_apart():
     cfg, tokenizer, train, model = setup("model.tiny_rope=longrope", "data.max_seq_len=2048")
+    from phi3_lora.data import long_context_threshold
     threshold = long_context_threshold(model.config)
     assert threshold == 1024  # the tiny LongRoPE model's original context (4096 / 4)
     short = train.dataset[0]
@@ -107,6 +107,28 @@ def test_longrope_one_long_example_changes_a_short_ones_loss_unless_kept_apart()
         for step in steps:
             positions = [max(len(e["input_ids"]) for e in items[r]) for micro in step for r in micro]
             assert all(p > threshold for p in positions) or all(p <= threshold for p in positions)
+
+
+def test_longrope_eval_loss_does_not_depend_on_the_batch_size():
+    """Evaluation batches keep LongRoPE's kinds apart too (the loop's evaluate and evaluate.py's dataset_loss
+    share eval_plan): one long example among short ones, the same loss at batch 1 and batch 8, where a plain
+    batch of all 8 gives another."""
+    from phi3_lora.data import TokenizedSplit, long_context_threshold
+    from phi3_lora.inference import dataset_loss
+    from phi3_lora.loss import supervised_tokens
+    cfg, tokenizer, train, model = setup("model.tiny_rope=longrope", "data.max_seq_len=2048")
+    threshold = long_context_threshold(model.config)
+    short = train.dataset[0]
+    long_ids = (short["input_ids"] * (threshold // len(short["input_ids"]) + 2))[:threshold + 50]
+    rows = [train.dataset[i] for i in range(3)] + [{"input_ids": long_ids, "labels": long_ids, "example_id": 999}]
+    rows += [train.dataset[i] for i in range(3, 7)]
+    split = TokenizedSplit(_ListDataset(rows), truncated=0, dropped=0)
+    by_batch_size = {size: dataset_loss(model, split, tokenizer.pad_token_id, size)[0] for size in (1, 8)}
+    assert by_batch_size[8] == pytest.approx(by_batch_size[1], rel=1e-5)
+    with torch.no_grad():
+        batch = Collator(tokenizer.pad_token_id)([[row] for row in rows])
+        mixed = float(token_loss_sum(model, batch)) / supervised_tokens(batch)
+    assert abs(mixed - by_batch_size[1]) > 1e-4  # the trap the plan avoids
 
 
 class _ListDataset(list):

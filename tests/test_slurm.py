@@ -220,8 +220,10 @@ def test_multinode_sbatch_trains_one_process_per_node(slurm_cluster, tmp_path):
     from phi3_lora.model import load_model, load_tokenizer
 
     out = tmp_path / "run"
-    job_id = submit(slurm_cluster, tmp_path, "train_multinode.sbatch", f"output_dir={out}", *FAST,
-                    "training.max_steps=8", "training.learning_rate=3e-3", "data.eval_size=16")
+    recipe = tmp_path / "recipe.yaml"  # --config after job.sh's own override, as the README's commands put it
+    recipe.write_text("training:\n  learning_rate: 3.0e-3\n")
+    job_id = submit(slurm_cluster, tmp_path, "train_multinode.sbatch", "--config", str(recipe), f"output_dir={out}",
+                    *FAST, "training.max_steps=8", "data.eval_size=16")
     log = job_log(tmp_path, job_id)
     port = 20000 + job_id % 10000
     for node in (0, 1):  # srun --label prefixes each task's lines with its number
@@ -234,6 +236,7 @@ def test_multinode_sbatch_trains_one_process_per_node(slurm_cluster, tmp_path):
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 9))  # one writer
 
     cfg = load_config(out / "config.yaml")
+    assert (cfg.training.learning_rate, cfg.training.resume_from) == (3e-3, "auto")
     base = load_model(cfg.model, load_tokenizer(cfg.model), seed=cfg.training.seed)
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
