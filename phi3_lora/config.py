@@ -140,7 +140,9 @@ class LoraConfig:
     bias: str = _field("none", "Train biases: none, all, or lora_only.", choices=("none", "all", "lora_only"))
     use_rslora: bool = _field(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = _field(False, "Weight-decomposed LoRA (DoRA).")
-    init: str = _field("default", "Adapter init: default (B = 0, Kaiming A), gaussian, pissa, olora.",
+    init: str = _field("default", "Adapter init: default (B = 0, Kaiming A), gaussian, pissa, olora. pissa and "
+                       "olora also change the base weights: the adapter is right only where peft re-runs that init "
+                       "on load (evaluate.py, chat.py, PeftModel.from_pretrained); serve the merge_adapter.py output.",
                        choices=("default", "gaussian", "pissa", "olora"))
     qkv_enable: list[bool] = _field([True, True, True], "loralib backend: adapt the q, k, v parts of the fused "
                                     "qkv_proj (e.g. [true,false,true] = q and v only).")

@@ -128,6 +128,14 @@ def test_exact_resume_deepspeed_two_processes(tmp_path_factory, tmp_path, stage)
     assert json.loads((tmp_path / "summary.json").read_text())["num_processes"] == 2
 
 
+def _written_since(root: Path, since: float, temporary: bool) -> bool:
+    """An entry of the checkpoints folder (a hidden .tmp one only, if ``temporary``) changed after ``since``."""
+    try:
+        return any(p.stat().st_mtime >= since for p in root.iterdir() if not temporary or p.name.endswith(".tmp"))
+    except FileNotFoundError:  # no folder yet, or an entry renamed or rotated away while we looked
+        return False
+
+
 def test_crash_safety_under_sigkill(reference, tmp_path):
     """Ten SIGKILLs at random moments, half of them while a checkpoint is being written; every time
     resume_from=auto finds a complete checkpoint, and the final adapter equals an uninterrupted run's."""
@@ -135,17 +143,19 @@ def test_crash_safety_under_sigkill(reference, tmp_path):
     root = ckpt.checkpoints_root(tmp_path)
     kills_during_save, newest = 0, []
     for attempt in range(10):
+        started = time.time()
         proc = start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
                      "training.resume_from=auto")
-        if attempt % 2 == 0:  # kill as soon as a checkpoint is being written
-            deadline = time.time() + 120
-            while time.time() < deadline and proc.poll() is None:
-                if root.is_dir() and any(p.name.endswith(".tmp") for p in root.iterdir()):
-                    kills_during_save += 1
-                    break
-                time.sleep(0.001)
+        # kill as soon as this attempt writes a checkpoint (a stale .tmp of the last one does not count), or at a
+        # random moment once it trains (start-up takes 5-8 s here; the 16 steps then take about 2)
+        writing = attempt % 2 == 0
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not _written_since(root, started, writing):
+            time.sleep(0.001)
+        if writing:
+            kills_during_save += proc.poll() is None
         else:
-            time.sleep(rng.uniform(3.0, 7.0))
+            time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
