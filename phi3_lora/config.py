@@ -396,6 +396,9 @@ def validate(cfg: Config) -> None:
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: name at least one module (or all-linear)")
     _validate_lora_backend(cfg.lora)
+    if "lm_head" in cfg.lora.target_modules:  # said now for both backends, not after the model loads
+        raise ConfigError("lora.target_modules: lm_head is not adapted here (the loss keeps the output head frozen); "
+                          "Phi-3's linear layers are qkv_proj, o_proj, gate_up_proj, down_proj")
     m = cfg.model
     if m.tiny_hidden_size % m.tiny_heads or m.tiny_heads % m.tiny_kv_heads:
         raise ConfigError("model.tiny_*: hidden size must divide by heads, and heads by kv heads")

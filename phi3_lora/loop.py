@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, effective_chunk_size, load_config
+from .config import Config, ConfigError, TrainingConfig, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
 from .lora import (attach_lora, load_adapter_dir, parameter_counts, save_adapter, skip_adapter_input_casts,
                    write_adapter)
@@ -98,6 +98,18 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
     if mismatches:
         raise ConfigError(f"the DeepSpeed config disagrees with the training config ({'; '.join(mismatches)}); "
                           "set those entries to \"auto\"")
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none" and \
+            plugin.deepspeed_config.get("zero_force_ds_cpu_optimizer", True):
+        # accelerate swaps the optimizer for DeepSpeedCPUAdam and keeps only its lr and weight decay
+        # (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed): refuse what would be lost
+        lost = [f"training.{k}={getattr(t, k)}" for k in ("adam_beta1", "adam_beta2", "adam_epsilon")
+                if getattr(t, k) != TrainingConfig.__dataclass_fields__[k].default]
+        if t.optimizer != "adamw_torch" or lost:
+            changed = f" ({', '.join(lost)})" if lost else ""
+            raise ConfigError(f"ZeRO-Offload steps the optimizer with DeepSpeedCPUAdam, which keeps only the learning "
+                              f"rate and weight decay: training.optimizer must be adamw_torch (got {t.optimizer}) "
+                              f"and the AdamW betas and epsilon their defaults{changed}")
 
 
 def loss_chunk_size(cfg: Config, accelerator) -> int:

@@ -61,6 +61,12 @@ def test_overrides_may_come_on_both_sides_of_config(tmp_path):
     assert (cfg.training.resume_from, cfg.lora.r, cfg.lora.alpha) == ("auto", 4, 8.0)
 
 
+@pytest.mark.parametrize("backend", ["peft", "loralib"])
+def test_lm_head_is_refused_as_a_target_before_anything_loads(backend):
+    with pytest.raises(ConfigError, match=r"lora.target_modules: lm_head is not adapted here"):
+        load_config(None, [f"lora.backend={backend}", "lora.target_modules=[qkv_proj,lm_head]"])
+
+
 def test_unknown_key_in_yaml_names_the_file(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("training:\n  warmup_step: 10\n")

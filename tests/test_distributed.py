@@ -110,24 +110,31 @@ def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
 
 def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
     """A DeepSpeed JSON with numbers of its own (not "auto") that differ from the training config, precision
-    included, and a relative deepspeed_config_file launched from elsewhere: exit 2, one line, nothing written."""
+    included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with optimizer settings
+    accelerate would drop: exit 2, one line, nothing written."""
     settings = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     settings.update({"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 7})
     (tmp_path / "mine.json").write_text(json.dumps(settings))
     zero2 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml")]
-    for name, cwd, extra in [("disagrees", ROOT, ["--deepspeed_config_file", str(tmp_path / "mine.json")]),
-                             ("missing", tmp_path, [])]:
+    offload = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3_offload.yaml")]
+    for name, cwd, launch, settings in [
+            ("disagrees", ROOT, [*zero2, "--deepspeed_config_file", str(tmp_path / "mine.json")], []),
+            ("missing", tmp_path, zero2, []),
+            ("offload", ROOT, offload, ["training.optimizer=adamw_8bit", "training.adam_beta2=0.95"])]:
         out = tmp_path / name
-        command = accelerate_launch(1, *zero2, *extra) + [str(ROOT / "scripts" / "train.py"), f"output_dir={out}"]
-        proc = run_script(command + COMMON, cwd=cwd, check=False, timeout=600)
+        command = accelerate_launch(1, *launch) + [str(ROOT / "scripts" / "train.py"), f"output_dir={out}"]
+        proc = run_script(command + COMMON + settings, cwd=cwd, check=False, timeout=600)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
         if name == "disagrees":
             assert "train_micro_batch_size_per_gpu" in errors[0] and "bf16.enabled=True but training.mixed_precision " \
                 "resolves to no" in errors[0]
-        else:
+        elif name == "missing":
             assert "DeepSpeed config file 'ds_configs/zero2.json' (deepspeed_config_file of the accelerate config) " \
                 f"not found from {tmp_path}" in errors[0]
+        else:  # accelerate would swap adamw_8bit for DeepSpeedCPUAdam and drop beta2
+            assert "training.optimizer must be adamw_torch (got adamw_8bit) and the AdamW betas and epsilon their " \
+                "defaults (training.adam_beta2=0.95)" in errors[0]
         assert not out.exists()
 
 
