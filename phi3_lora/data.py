@@ -15,14 +15,17 @@ the same number of micro-batches.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import DataConfig
 from .formats import DataError, detect_format, is_single_file, read_rows, to_messages
 from .tiny import PHI3_CHAT_TEMPLATE
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -148,15 +151,17 @@ def _held_out_count(n: int, eval_size: float) -> int:
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSplit, TokenizedSplit | None]:
     """Load, normalise, split and tokenize the training data and the evaluation data (if any)."""
-    _check_split(cfg.path, cfg.split, "data.split")
-    _check_split(cfg.eval_path or cfg.path, cfg.eval_split, "data.eval_split")
+    _single_file_split(cfg.path, cfg.split, "data.split", "all of it is read")
+    eval_split = _single_file_split(cfg.eval_path or cfg.path, cfg.eval_split, "data.eval_split",
+                                    "all of it is the evaluation set" if cfg.eval_path else
+                                    f"holding out data.eval_size={cfg.eval_size:g} of its rows instead")
     rows = read_rows(cfg.path, cfg.split, cfg.demo_size, seed=0)
     conversations = _normalise(rows, cfg.format, cfg.path)
     train_rows = list(range(len(conversations)))
     eval_conversations, eval_rows, eval_source = None, None, cfg.path
-    if cfg.eval_path or cfg.eval_split:
-        eval_source = cfg.eval_path or f"{cfg.path}[{cfg.eval_split}]"
-        eval_conversations = _normalise(read_rows(cfg.eval_path or cfg.path, cfg.eval_split or cfg.split,
+    if cfg.eval_path or eval_split:
+        eval_source = cfg.eval_path or f"{cfg.path}[{eval_split}]"
+        eval_conversations = _normalise(read_rows(cfg.eval_path or cfg.path, eval_split or cfg.split,
                                                   cfg.demo_size, seed=1), cfg.format, eval_source)
     else:
         n_eval = _held_out_count(len(conversations), cfg.eval_size)
@@ -172,11 +177,14 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
     return train, evaluation
 
 
-def _check_split(path: str, split: str | None, key: str) -> None:
-    """A split other than the default names nothing in a single local file: say so rather than read it all."""
+def _single_file_split(path: str, split: str | None, key: str, instead: str) -> str | None:
+    """``split``, or None with a warning where ``path`` is a single local file, which has no splits (a recipe's
+    hub split names, e.g. train_sft/test_sft, with ``data.path=my.jsonl``): the evaluation rows are then held out
+    of the file rather than the whole file evaluated, the mistake this guards against."""
     if split and split != "train" and is_single_file(path):
-        raise ConfigError(f"{key}='{split}': {path} is a single file, which has no splits (hold rows out with "
-                          "data.eval_size, or give data.eval_path)")
+        logger.warning(f"{key}='{split}' does not apply to {path}, a single file with no splits: {instead}")
+        return None
+    return split
 
 
 # ----------------------------------------------------------------------------- packing

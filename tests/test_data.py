@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from phi3_lora.config import ConfigError, load_config
+from phi3_lora.config import load_config
 from phi3_lora.data import (IGNORE_INDEX, Collator, ConversationEncoder, build_datasets, plan_epoch,
                             use_chat_template)
 from phi3_lora.formats import DataError, detect_format, read_rows, to_messages
@@ -147,14 +147,21 @@ def test_suffixes_are_read_in_any_case(tmp_path):
     assert [row["messages"][0]["content"] for row in read_rows(str(path))] == ["x", "y"]
 
 
-@pytest.mark.parametrize("override", ["data.eval_split=test", "data.split=test"])
-def test_a_split_of_a_single_file_is_an_error_not_the_whole_file(tmp_path, override):
+def test_split_names_do_not_apply_to_a_single_file_and_evaluation_is_held_out(tmp_path, caplog):
+    """A recipe's hub split names with data.path=my.jsonl: a warning each, the whole file read, and the
+    evaluation rows held out of it (data.eval_size), never the whole training file evaluated."""
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(_chat(str(i))) for i in range(10)))
-    cfg = load_config(None, [f"data.path={path}", override])
-    key = override.split("=")[0]
-    with pytest.raises(ConfigError, match=rf"{key}='test': .*d.jsonl is a single file, which has no splits"):
-        build_datasets(cfg.data, tiny_tokenizer(), seed=0)
+    path.write_text("\n".join(json.dumps(_chat(str(i))) for i in range(20)))
+    cfg = load_config(None, [f"data.path={path}", "data.split=train_sft", "data.eval_split=test_sft",
+                             "data.eval_size=4"])
+    with caplog.at_level("WARNING", logger="phi3_lora.data"):
+        train, evaluation = build_datasets(cfg.data, tiny_tokenizer(), seed=0)
+    assert f"data.split='train_sft' does not apply to {path}, a single file with no splits: all of it is read" \
+        in caplog.text
+    assert "data.eval_split='test_sft' does not apply" in caplog.text and "holding out data.eval_size=4" in caplog.text
+    assert (len(train), len(evaluation)) == (16, 4)
+    train_ids = set(map(tuple, train.dataset["input_ids"]))
+    assert not train_ids & set(map(tuple, evaluation.dataset["input_ids"]))
 
 
 def test_errors_in_held_out_rows_name_their_row_in_the_file(tmp_path):
