@@ -105,7 +105,7 @@ def _normalise(rows, fmt: str, source: str) -> list[list[dict]]:
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: DataConfig, source: str,
-                           first_id: int = 0, rows: list[int] | None = None) -> TokenizedSplit:
+                           rows: list[int] | None = None) -> TokenizedSplit:
     """Encode conversations with ``datasets.map`` and apply ``data.max_seq_len`` / ``data.overlong``.
 
     ``rows``: each conversation's row in ``source``, for errors (default: their order)."""
@@ -114,10 +114,10 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Data
     encoder = ConversationEncoder(tokenizer, cfg.train_on_prompt)
     rows = rows if rows is not None else list(range(len(conversations)))
     table = datasets.Dataset.from_dict({"messages": conversations,
-                                        "example_id": list(range(first_id, first_id + len(conversations)))})
+                                        "example_id": list(range(len(conversations)))})
 
     def encode(row):
-        out = encoder.encode(row["messages"], f"{source} row {rows[row['example_id'] - first_id]}")
+        out = encoder.encode(row["messages"], f"{source} row {rows[row['example_id']]}")
         n = len(out["input_ids"])
         out["was_truncated"] = n > cfg.max_seq_len
         if n > cfg.max_seq_len:
@@ -241,7 +241,6 @@ class TrainItems:
 
     def __init__(self, split: TokenizedSplit, max_seq_len: int, packing: bool, long_threshold: int | None):
         self.dataset = split.dataset
-        self.long_threshold = long_threshold
         self.example_lengths = lengths = [len(ids) for ids in self.dataset["input_ids"]]
         example_kinds = long_context_kinds(lengths, long_threshold)
         if packing:

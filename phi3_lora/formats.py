@@ -45,12 +45,13 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
         from .demo_data import demo_conversations
         return demo_conversations(demo_size, seed=seed)
     local = Path(path)
-    if is_single_file(path) and not local.is_file():
+    suffix = local.suffix.lower()
+    if suffix in SINGLE_FILE_SUFFIXES and not local.is_file():
         raise DataError(f"data file not found: {path}")
-    if local.suffix.lower() in (".json", ".jsonl"):
+    if suffix in (".json", ".jsonl"):
         return _read_json(local)
     import datasets
-    if local.suffix.lower() == ".parquet":
+    if suffix == ".parquet":
         try:
             return datasets.Dataset.from_parquet(str(local))
         except Exception as err:  # pyarrow's errors: a damaged or truncated file, not a parquet file at all
@@ -81,14 +82,15 @@ def _read_json(path: Path) -> list[dict]:
     except UnicodeDecodeError as err:
         line = path.read_bytes()[:err.start].count(b"\n") + 1
         raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+    one_document = path.suffix.lower() == ".json"  # else JSON Lines
+    if one_document and text.lstrip().startswith("{") and "\n" in text.strip():
         try:
             json.loads(text)
         except json.JSONDecodeError:
             pass  # JSON Lines, parsed below
         else:
             raise DataError(f"{path}: one JSON object; expected a list of rows, or one row per line (JSON Lines)")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if one_document and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:

@@ -188,8 +188,10 @@ class Trainer:
         self.loss_chunk_size = loss_chunk_size(cfg, acc)
 
         model = self._build_model()
-        self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing,
-                                               data_lib.long_context_threshold(acc.unwrap_model(model).config))
+        long_threshold = data_lib.long_context_threshold(acc.unwrap_model(model).config)
+        self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing, long_threshold)
+        self.eval_batches = None if self.eval_data is None else data_lib.eval_plan(
+            self.eval_data, t.per_device_eval_batch_size, long_threshold, acc.num_processes, acc.process_index)
         self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing)
         self.eval_collate = data_lib.Collator(self.tokenizer.pad_token_id)
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_items), t.per_device_batch_size,
@@ -392,12 +394,10 @@ class Trainer:
         """Token-weighted loss over the whole evaluation set, all processes together."""
         if self.eval_data is None:
             return None
-        acc, t = self.accelerator, self.cfg.training
-        plan = data_lib.eval_plan(self.eval_data, t.per_device_eval_batch_size, self.train_items.long_threshold,
-                                  acc.num_processes, acc.process_index)
+        acc = self.accelerator
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for idx in plan:
+        for idx in self.eval_batches:
             batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
