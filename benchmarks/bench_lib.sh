@@ -14,6 +14,9 @@
 #   WORK=/tmp/phi3-lora-bench    the random model (model-$SHAPE, 7.6 GB for phi3-mini, reused when there;
 #                           MODEL_DIR overrides) and each run's figures, log and outputs (runs/LABEL*)
 #   RUN_TIMEOUT=180         seconds one run may take before it is stopped (it then counts as failed)
+#   PROFILE="LABEL ..."     after each of these runs, run it once more under torch.profiler (2 warm-up and 4
+#                           steps, the last 3 profiled; ~30 s each): RESULTS/profile-LABEL.txt and its
+#                           .trace.json.gz; the profiled run's figures stay out of the report
 # A failed run is reported with the end of its log, the others still run; the script then exits non-zero.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,6 +28,7 @@ MODEL_DIR=${MODEL_DIR:-$WORK/model-$SHAPE}
 WARMUP=${WARMUP:-3}
 STEPS=${STEPS:-10}
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
+PROFILE=${PROFILE:-}
 if [[ $SHAPE == tiny* ]]; then SEQS=${SEQS:-"128 256"}; else SEQS=${SEQS:-"2048 4096"}; fi
 read -r SHORT LONG MORE <<< "$SEQS" || true
 if [ -z "${LONG:-}" ] || [ -n "${MORE:-}" ]; then
@@ -64,13 +68,21 @@ bench() {
     local out="$WORK/runs/$label"
     echo "=== $label: $side, seq $seq, $WARMUP+$STEPS steps${*:+, $*} [$((SECONDS - BENCH_START))s]"
     rm -f "$out.json"
-    if timeout -k 15 "$RUN_TIMEOUT" "$PYTHON" benchmarks/gpu_bench.py "$side" --model "$MODEL_DIR" --recipe "$recipe" \
-            --seq "$seq" --warmup "$WARMUP" --steps "$STEPS" --label "$label" --out "$out.json" \
-            --variant "${VARIANT:-}" ${NO_PAGED:+--no-paged} --set "$@" \
+    local run=(timeout -k 15 "$RUN_TIMEOUT" "$PYTHON" benchmarks/gpu_bench.py "$side" --model "$MODEL_DIR"
+               --recipe "$recipe" --seq "$seq" --variant "${VARIANT:-}" ${NO_PAGED:+--no-paged})
+    if "${run[@]}" --warmup "$WARMUP" --steps "$STEPS" --label "$label" --out "$out.json" --set "$@" \
             > "$out.log" 2>&1; then
         tail -n 1 "$out.log"
         RESULT_FILES+=("$out.json")
         { tr -d '\n' < "$out.json"; echo; } >> "$RUNS_JSONL"  # one line: json.dumps escapes newlines in strings
+        if [[ " $PROFILE " == *" $label "* ]]; then
+            echo "    $label again under the profiler: $RESULTS/profile-$label.txt"
+            if ! "${run[@]}" --warmup 2 --steps 4 --label "$label-profiled" --out "$out-profiled.json" \
+                    --profile "$RESULTS/profile-$label.txt" --set "$@" > "$out-profiled.log" 2>&1; then
+                echo "!!! the profiled run of $label failed; the end of $out-profiled.log:"
+                tail -n 5 "$out-profiled.log" | sed 's/^/    /'
+            fi
+        fi
     else
         rc=$?
         echo "!!! $label failed (exit $rc$([ $rc -eq 124 ] && echo ", stopped after RUN_TIMEOUT=${RUN_TIMEOUT}s")); the end of $out.log:"
