@@ -315,7 +315,9 @@ def steps_per_epoch(num_items: int, micro_batch_size: int, accumulation: int, nu
 class Collator:
     """Pads items into a batch. An item is a list of examples: one, or several packed into one row.
 
-    Packed rows carry ``position_ids`` restarting at 0 for each example and no attention mask, so
+    Every batch carries ``supervised_positions`` (see there), found here on the CPU so that the loss
+    needs no device sync to find them. Packed rows carry ``position_ids`` restarting at 0 for each
+    example and no attention mask, so
     transformers gives each example its own causal block (with ``use_cache=False``); the first
     label of every example is ignored, so no example learns from the one before it. Unpacked
     batches carry an attention mask instead. An empty item list gives one all-ignored row.
@@ -341,7 +343,8 @@ class Collator:
             positions[r, n:] = torch.arange(longest - n)  # padding: a block of its own, never attended to
         example_ids = [e["example_id"] for examples in items for e in examples if e["example_id"] >= 0]
         batch = {"input_ids": input_ids, "labels": labels, "example_ids": torch.tensor(example_ids, dtype=torch.long),
-                 "num_tokens": torch.tensor(int(mask.sum()) if example_ids else 0)}
+                 "num_tokens": torch.tensor(int(mask.sum()) if example_ids else 0),
+                 "supervised_positions": supervised_positions(labels)}
         if self.packed:
             batch["position_ids"] = positions
         else:
@@ -356,3 +359,10 @@ class Collator:
             labels += [IGNORE_INDEX] + list(e["labels"][1:])
             positions += range(len(e["input_ids"]))
         return ids, labels, positions
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Indices into ``labels.flatten()`` of the positions whose next token is supervised: position ``i``
+    predicts the label at ``i + 1``, in the same row. On a GPU, finding them costs a device sync."""
+    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.size(1) + columns

@@ -338,10 +338,13 @@ class Trainer:
         for step in plan[self.progress.step_in_epoch:]:
             yield [self.collate([self.train_items[i] for i in idx]) for idx in step]
 
-    def train_step(self, batches: list[dict]) -> tuple[float, int, int, float | None]:
+    def train_step(self, batches: list[dict]) -> tuple[float, int, int, torch.Tensor | None]:
         """One optimizer step over this process's micro-batches.
 
-        Returns the step's global (token loss sum, supervised tokens, all tokens) and the grad norm.
+        Returns the step's global (token loss sum, supervised tokens, all tokens) and the grad norm (a
+        0-dim tensor, read only when logged). On one GPU the step waits for the device once, at its end
+        (the loss sum): the supervised positions come from the collator and the step's clock uses CUDA
+        events, so the CPU keeps queueing work while the GPU runs the forward, backward and optimizer.
         """
         acc = self.accelerator
         counts = [sum(supervised_tokens(b) for b in batches), sum(int(b["num_tokens"]) for b in batches)]
@@ -366,13 +369,13 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     clock.lap("optimizer")
-        self.last_step_seconds = clock.seconds
-        return float(acc.reduce(loss_sum, "sum")), n_tokens, n_all, grad_norm
+        loss_sum = float(acc.reduce(loss_sum, "sum"))  # the step's one wait for the device
+        self.last_step_seconds = clock.seconds()
+        return loss_sum, n_tokens, n_all, grad_norm
 
-    def _clip_gradients(self) -> float | None:
+    def _clip_gradients(self) -> torch.Tensor | None:
         max_norm = self.cfg.training.max_grad_norm or float("inf")
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        return None if norm is None else float(norm)
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)  # None under DeepSpeed
 
     def _log_train(self, window: Throughput, grad_norm, bar) -> None:
         p = self.progress
@@ -382,6 +385,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         utilisation = self._mfu(total_rate)
         extra = {"mfu": utilisation} if utilisation is not None else {}
+        grad_norm = None if grad_norm is None else float(grad_norm)
         self.log.train(self.progress.step, loss, lr, grad_norm, supervised_rate, total_tokens_per_second=total_rate,
                        peak_memory_gb=peak_memory_gb(), **window.step_time_parts(), **extra)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -583,18 +587,37 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 class _StepClock:
-    """Seconds spent in the named parts of one optimizer step (CUDA is synchronised at each lap)."""
+    """Seconds spent in the named parts of one optimizer step, without waiting for the device.
+
+    On the CPU, wall time between laps. On CUDA, an event is recorded at each lap and the parts are
+    the device's time between them, read by ``seconds()`` once the step has waited for the device
+    anyway (a synchronize at each lap would stall the queue mid-step); the first part starts when
+    the step's first work is queued, which on an idle device is when it runs.
+    """
 
     def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.last = time.perf_counter()
+        self.cuda = torch.cuda.is_available()
+        self.marks: list[tuple[str | None, object]] = [(None, self._now())]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def lap(self, part: str) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
-        self.last = now
+        self.marks.append((part, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds by part (summed over laps of the same name); on CUDA, waits for the last event."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        totals: dict[str, float] = {}
+        for (_, start), (part, end) in zip(self.marks, self.marks[1:]):
+            elapsed = start.elapsed_time(end) / 1000 if self.cuda else end - start
+            totals[part] = totals.get(part, 0.0) + elapsed
+        return totals
 
 
 def _fmt(value: float | None) -> str:

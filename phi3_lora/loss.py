@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, supervised_positions
 
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that makes lm_head see zero positions
 
@@ -32,20 +32,24 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
     Args:
         model: the causal LM, as prepared by accelerate (DDP, DeepSpeed engine) or bare.
         batch: ``input_ids``, ``labels`` (``IGNORE_INDEX`` where unsupervised) and ``attention_mask``
-            or ``position_ids`` (packed rows).
+            or ``position_ids`` (packed rows); the chunked loss also takes the collator's
+            ``supervised_positions`` (else it finds them itself, a device sync on a GPU).
         chunk_size: 0 = logits for all positions at once; N = chunked, see the module docstring.
     Returns:
         A 0-dim fp32 tensor.
     """
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    targets = batch["labels"][:, 1:]
     if not chunk_size:
         logits = model(**inputs, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+        targets = batch["labels"][:, 1:].reshape(-1)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets,
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    hidden = last_hidden_state(model, inputs)[:, :-1]
-    supervised = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # one device sync for both selections
-    return chunked_cross_entropy(hidden[supervised], targets[supervised], output_head(model), chunk_size)
+    hidden = last_hidden_state(model, inputs)
+    positions = batch.get("supervised_positions")  # from the collator, on the CPU: no device sync here
+    if positions is None:
+        positions = supervised_positions(batch["labels"])
+    return chunked_cross_entropy(hidden.flatten(0, 1)[positions], batch["labels"].flatten()[positions + 1],
+                                 output_head(model), chunk_size)
 
 
 def last_hidden_state(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,4 +138,6 @@ def _unwrapped(model):
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Positions whose next token is supervised: the count ``token_loss_sum`` sums over."""
+    if "supervised_positions" in batch:
+        return len(batch["supervised_positions"])
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

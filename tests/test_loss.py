@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FAST, in_process_trainer
 from phi3_lora.config import load_config
@@ -122,6 +123,50 @@ def test_chunked_cross_entropy_matches_whole_logits(tmp_path, monkeypatch, packi
     # each supervised position once, a chunk at a time, never recomputed; the model's own lm_head sees none
     assert max(chunk_rows) == 50 and sum(chunk_rows) == supervised
     assert len(module_rows) == 2 and set(module_rows) == {0}
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records the aten operators that make the host wait for a GPU (a value read back, or an output whose
+    size depends on the data), as they are dispatched: on the CPU too, where nothing really waits."""
+
+    WAITING = {"nonzero", "_local_scalar_dense", "is_nonzero", "masked_select", "unique", "_unique2", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.WAITING:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_loss_backward_and_clipping_add_no_device_wait_to_the_forward(tmp_path, packing):
+    """On a GPU a device wait mid-step stalls the queue. The collator finds the supervised positions on
+    the CPU, so the chunked loss, the backward and the gradient clipping wait for nothing; the only waits
+    are the model forward's own (transformers inspects the mask or position ids once, before any layer
+    runs). Without the collator's positions the chunked loss finds them itself: one wait more, same loss."""
+    trainer = fresh_trainer(tmp_path, f"data.packing={str(packing).lower()}", "training.max_grad_norm=1")
+    batch = next(trainer._batches_of_epoch())[0]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with DeviceWaits() as forward:
+        trainer.model(**inputs, use_cache=False)
+    losses = {}
+    for chunk_size in (0, 16):
+        with DeviceWaits() as step:
+            losses[chunk_size] = token_loss_sum(trainer.model, batch, chunk_size)
+            losses[chunk_size].backward()
+            norm = trainer._clip_gradients()
+        assert step.seen == forward.seen, (chunk_size, step.seen)
+        assert isinstance(norm, torch.Tensor) and float(norm) > 0  # read by the loop only when it logs
+    assert len(batch["supervised_positions"]) == supervised_tokens(batch) > 16
+    assert float(losses[16]) == pytest.approx(float(losses[0]), rel=1e-6)
+    without = {k: v for k, v in batch.items() if k != "supervised_positions"}
+    with torch.no_grad(), DeviceWaits() as found:
+        loss_without = token_loss_sum(trainer.model, without, 16)
+    assert found.seen == forward.seen + ["nonzero"]
+    assert float(loss_without) == pytest.approx(float(losses[16]), rel=1e-6)
 
 
 def test_chunked_loss_takes_the_last_hidden_state_by_a_hook_under_mixed_precision(tmp_path):
