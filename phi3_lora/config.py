@@ -84,7 +84,7 @@ class ModelConfig:
     tiny_rope: str = _field("default", f"Rope scaling of '{TINY_MODEL}': default or longrope (as 128k models).",
                             choices=("default", "longrope"))
     load_in_4bit: bool = _field(False, "QLoRA: load the base's linear layers (not lm_head) in 4 bits with "
-                                "bitsandbytes (pip install 'phi3-lora[qlora]').")
+                                "bitsandbytes (pip install -e '.[qlora]').")
     load_in_8bit: bool = _field(False, "Load the base's linear layers (not lm_head) in 8 bits (LLM.int8) with "
                                 "bitsandbytes.")
     bnb_4bit_quant_type: str = _field("nf4", "4-bit data type: nf4 (NormalFloat, as QLoRA) or fp4.",
@@ -424,8 +424,12 @@ def _validate_lora_backend(lora: LoraConfig) -> None:
 
 
 def help_text() -> str:
-    """Every key with its default and meaning, grouped by section, for ``--help``."""
-    lines, current = [], None
+    """Every key with its default and meaning, grouped by section, for ``--help``; where the embedded demo
+    (a run without ``--config``) sets another value, that value too."""
+    demo = {f"{section}.{k}": v for section, values in DEMO_RECIPE.items() if isinstance(values, dict)
+            for k, v in values.items()}
+    demo.update({k: v for k, v in DEMO_RECIPE.items() if not isinstance(v, dict)})
+    lines, current = ["\n(KEY = default; \"demo:\" is the value a run without --config, the embedded demo, uses)"], None
     for key, f in all_keys().items():
         section = key.rpartition(".")[0] or "top level"
         if section != current:
@@ -434,7 +438,8 @@ def help_text() -> str:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         choices = f.metadata.get("choices")
         extra = f" One of: {', '.join(choices)}." if choices else ""
-        lines.append(f"  {key} = {default!r}\n      {f.metadata['help']}{extra}")
+        in_demo = f" (demo: {demo[key]!r})" if key in demo and demo[key] != default else ""
+        lines.append(f"  {key} = {default!r}{in_demo}\n      {f.metadata['help']}{extra}")
     return "\n".join(lines)
 
 

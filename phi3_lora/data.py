@@ -128,7 +128,6 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Data
     encoded = table.map(encode, remove_columns=["messages"], num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                         desc=f"Tokenizing {source}")
     over = encoded["was_truncated"]
-    n_over = sum(over)
     keep = [i for i, (o, s) in enumerate(zip(over, encoded["num_supervised"]))
             if s > 0 and not (o and cfg.overlong == "drop")]
     dropped = len(encoded) - len(keep)
@@ -137,7 +136,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Data
                         f"{cfg.max_seq_len} or nothing supervised left after truncation)")
     encoded = encoded.select(keep) if dropped else encoded
     return TokenizedSplit(encoded.remove_columns(["was_truncated", "num_supervised"]),
-                          truncated=n_over if cfg.overlong == "truncate" else 0, dropped=dropped)
+                          truncated=sum(over[i] for i in keep), dropped=dropped)
 
 
 def _held_out_count(n: int, eval_size: float) -> int:
@@ -154,7 +153,8 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
     _single_file_split(cfg.path, cfg.split, "data.split", "all of it is read")
     eval_split = _single_file_split(cfg.eval_path or cfg.path, cfg.eval_split, "data.eval_split",
                                     "all of it is the evaluation set" if cfg.eval_path else
-                                    f"holding out data.eval_size={cfg.eval_size:g} of its rows instead")
+                                    f"holding out data.eval_size={cfg.eval_size:g} of its rows instead"
+                                    if cfg.eval_size > 0 else "no evaluation (data.eval_size=0)")
     rows = read_rows(cfg.path, cfg.split, cfg.demo_size, seed=0)
     conversations = _normalise(rows, cfg.format, cfg.path)
     train_rows = list(range(len(conversations)))

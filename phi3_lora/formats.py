@@ -52,7 +52,9 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
         return _read_json(local)
     import datasets
     if suffix == ".parquet":
-        try:
+        import pyarrow.parquet
+        try:  # the footer first: datasets would log its own error lines before raising
+            pyarrow.parquet.read_schema(local)
             return datasets.Dataset.from_parquet(str(local))
         except Exception as err:  # pyarrow's errors: a damaged or truncated file, not a parquet file at all
             raise DataError(f"{path}: cannot read it as parquet ({str(err).splitlines()[0]})") from None
@@ -67,6 +69,9 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
                 raise DataError(f"{path}: no split '{split}' (has {', '.join(loaded)})")
             loaded = loaded[split]
         return loaded
+    if local.is_file():
+        raise DataError(f"{path}: a file, but not .json, .jsonl or .parquet (the suffix tells the format; or give "
+                        "a saved datasets directory)")
     if local.suffix or path.startswith((".", "/")):
         raise DataError(f"data file not found: {path} (expected .json, .jsonl, .parquet, a saved "
                         "datasets directory, or a hub dataset name)")

@@ -146,6 +146,7 @@ class Progress:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     window_loss_sum: float = 0.0  # token loss sum and supervised tokens since the last logged step
     window_tokens: int = 0
+    train_seconds: float = 0.0  # wall time in train(), every attempt of a resumed run together
 
 
 class PreemptionFlag:
@@ -209,6 +210,7 @@ class Trainer:
         self.progress = Progress()
         if self.resume_dir:
             self._restore(self.resume_dir)
+        self._attempt = (time.perf_counter(), self.progress.train_seconds)  # train() restarts this clock
         self._open_outputs()
 
     def _build_model(self):
@@ -266,6 +268,7 @@ class Trainer:
         checkpoint every ``save_steps``; on a preemption signal, checkpoint and raise ``Preempted``."""
         acc, t, p = self.accelerator, self.cfg.training, self.progress
         start = time.perf_counter()
+        self._attempt = (start, p.train_seconds)  # when this attempt began; the earlier attempts' seconds
         if not p.eval_losses:
             self.evaluate()
         bar = tqdm(total=self.total_steps, initial=p.step, desc="training",
@@ -407,6 +410,8 @@ class Trainer:
             with acc.autocast():
                 totals[0] += token_loss_sum(self.model, batch, self.loss_chunk_size).double()
             totals[1] += supervised_tokens(batch)
+        if hasattr(self.model, "empty_partition_cache"):  # DeepSpeed: ZeRO-3 prefetched parameters for a
+            self.model.empty_partition_cache()  # backward that never comes; gathering one in flight would fail
         totals = acc.reduce(totals, "sum")
         loss = float(totals[0] / totals[1])
         self.progress.eval_losses.append((self.progress.step, loss))
@@ -431,6 +436,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically. Every process calls it (gathers, DeepSpeed's save)."""
         acc, p = self.accelerator, self.progress
+        self._count_train_seconds()
         target = ckpt.step_directory(self.out, p.step)
         tmp = target.parent / f".{target.name}.tmp"
         if acc.is_main_process:
@@ -499,9 +505,15 @@ class Trainer:
     def uses_deepspeed(self) -> bool:
         return self.accelerator.state.deepspeed_plugin is not None
 
+    def _count_train_seconds(self) -> None:
+        start, before = self._attempt
+        self.progress.train_seconds = before + time.perf_counter() - start
+
     def finish(self, wall_time: float, whole_run: Throughput) -> dict:
-        """Save the adapter, write summary.json, print where everything is."""
+        """Save the adapter, write summary.json, print where everything is. ``wall_time`` and ``whole_run``
+        cover this attempt; the supervised tokens and their rate cover every attempt of a resumed run."""
         acc, p = self.accelerator, self.progress
+        self._count_train_seconds()
         adapter = self.save_adapter()
         step_parts = whole_run.step_time_parts()
         in_steps = whole_run.steps * sum(step_parts.values())  # training only: no evaluation, no saving
@@ -511,11 +523,12 @@ class Trainer:
             "first_eval_loss": p.eval_losses[0][1] if p.eval_losses else None,
             "final_eval_loss": p.eval_losses[-1][1] if p.eval_losses else None,
             "supervised_tokens": p.supervised_tokens,
-            "supervised_tokens_per_second": p.supervised_tokens / max(wall_time, 1e-9),
+            "supervised_tokens_per_second": p.supervised_tokens / max(p.train_seconds, 1e-9),
             "tokens_this_run": whole_run.total,
             "tokens_per_second_in_steps": whole_run.total / max(in_steps, 1e-9),
             "mfu": utilisation, **step_parts, "peak_memory_gb": peak_memory_gb(),
-            "wall_time_seconds": wall_time, "num_processes": acc.num_processes,
+            "wall_time_seconds": p.train_seconds, "wall_time_this_attempt_seconds": wall_time,
+            "num_processes": acc.num_processes,
             "distributed_type": str(acc.distributed_type).split(".")[-1],
             "train_examples": len(self.train_data), "examples_truncated": self.train_data.truncated,
             "packing_efficiency": self.train_items.packing_efficiency,
@@ -527,7 +540,9 @@ class Trainer:
             write_summary(self.out, summary)
         acc.end_training()
         acc.print(
-            f"\ndone: {p.step} steps in {wall_time:.1f}s, {summary['supervised_tokens_per_second']:.0f} "
+            f"\ndone: {p.step} steps in {p.train_seconds:.1f}s"
+            f"{'' if p.train_seconds == wall_time else f' ({wall_time:.1f}s in this attempt)'}, "
+            f"{summary['supervised_tokens_per_second']:.0f} "
             f"supervised tokens/s on {acc.num_processes} process(es); "
             f"{summary['tokens_per_second_in_steps']:.0f} tokens/s in the steps"
             f"{'' if utilisation is None else f', MFU {100 * utilisation:.1f}%'}, "

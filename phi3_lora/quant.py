@@ -36,7 +36,7 @@ from .config import ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'phi3-lora[qlora]'"
+INSTALL_HINT = "pip install -e '.[qlora]'"
 STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float32": torch.float32}
 

@@ -100,6 +100,11 @@ def test_exact_resume_in_the_second_epoch(reference, tmp_path):
     assert_identical(reference, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 16
+    # the summary's tokens and rate cover both attempts: the first one's time (12+ of 16 steps) counts too
+    assert summary["supervised_tokens"] == json.loads((reference / "summary.json").read_text())["supervised_tokens"]
+    assert summary["wall_time_seconds"] > summary["wall_time_this_attempt_seconds"] > 0
+    assert summary["supervised_tokens_per_second"] == pytest.approx(summary["supervised_tokens"]
+                                                                    / summary["wall_time_seconds"])
 
 
 def test_exact_resume_in_the_first_epoch_and_tensorboard_continues(reference, tmp_path):
@@ -121,7 +126,7 @@ def test_exact_resume_in_the_first_epoch_and_tensorboard_continues(reference, tm
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_exact_resume_deepspeed_two_processes(tmp_path_factory, tmp_path, stage):
     launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / f"deepspeed_{stage}.yaml"))
-    common = ["training.per_device_batch_size=2", "lora.dropout=0"]
+    common = ["training.per_device_batch_size=2", "lora.dropout=0.1"]  # dropout: each rank's RNG restored as its own
     reference = uninterrupted(tmp_path_factory, f"ds_{stage}", *common, launcher=launcher)
     preempt_and_resume(tmp_path, 6, *common, launcher=launcher)
     assert_identical(reference, tmp_path, tol=1e-6)
@@ -254,6 +259,32 @@ def test_rotation_keeps_newest_n_plus_best_and_protected(tmp_path):
     assert kept == [2, 3, 5, 6]  # newest 2 (5, 6), best eval loss (2), the one resumed from (3)
     assert sorted(int(p.name.split("-")[1]) for p in removed) == [1, 4]
     assert not any(p.name.startswith(".") for p in ckpt.checkpoints_root(tmp_path).iterdir())
+
+
+def test_a_crash_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Rotation renames a checkpoint to a hidden name before deleting it: a crash part-way through the deletion
+    (here rmtree dies after one file, the marker still there) leaves nothing that resume_from=auto would pick,
+    and the next run clears the remains."""
+    paths = {s: fake_checkpoint(tmp_path, s, None) for s in (1, 2, 3)}
+    for path in paths.values():
+        (path / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def dies_part_way(path, ignore_errors=False):
+        if not Path(path).exists():
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        (Path(path) / "adapter_model.safetensors").unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.rotate(tmp_path, keep=2, protected=set())
+    assert ckpt.complete_checkpoints(tmp_path) == [paths[2], paths[3]]
+    (leftover,) = [p for p in ckpt.checkpoints_root(tmp_path).iterdir() if p.name.startswith(".")]
+    assert (leftover / ckpt.MARKER).is_file()  # the marker survived, under a name nothing resumes from
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in ckpt.checkpoints_root(tmp_path).iterdir()) == ["step-000002", "step-000003"]
 
 
 def test_rotation_in_a_run_keeps_newest_plus_best(tmp_path):

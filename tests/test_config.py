@@ -67,6 +67,20 @@ def test_lm_head_is_refused_as_a_target_before_anything_loads(backend):
         load_config(None, [f"lora.backend={backend}", "lora.target_modules=[qkv_proj,lm_head]"])
 
 
+@pytest.mark.parametrize("backend", ["peft", "loralib"])
+def test_targets_that_match_no_module_are_an_error_not_skipped(backend):
+    """Phi-3 fuses q/k/v into qkv_proj: the Llama names would match nothing, and peft would silently adapt
+    only the names that do match."""
+    from phi3_lora.lora import attach_lora
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, [f"lora.backend={backend}", "lora.target_modules=[qkv_proj,q_proj,k_proj]"])
+    model = load_model(cfg.model, load_tokenizer(cfg.model))
+    with pytest.raises(ConfigError, match=r"^lora.target_modules: q_proj, k_proj match no module of this model") \
+            as err:
+        attach_lora(model, cfg.lora, seed=0)
+    assert all(name in str(err.value) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+
+
 def test_unknown_key_in_yaml_names_the_file(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("training:\n  warmup_step: 10\n")
@@ -80,6 +94,10 @@ def test_help_lists_every_key_with_default():
     for key, f in all_keys().items():
         assert f"  {key} = " in text, key
         assert f.metadata["help"] in text
+    # where a run without --config (the embedded demo) differs from the default, --help says so
+    assert "  output_dir = 'outputs/run' (demo: 'outputs/demo')\n" in text
+    assert "  training.learning_rate = 0.0002 (demo: 0.001)\n" in text
+    assert "  lora.r = 16\n" in text  # the demo's own r is the default: nothing added
 
 
 def test_saved_config_round_trips(tmp_path):

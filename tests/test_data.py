@@ -92,6 +92,29 @@ def test_template_that_drops_system_prompt_fails_loudly(phi3_tokenizer):
         ConversationEncoder(tok).encode(CONVERSATION, "row 3")
 
 
+# Templates that break the encoder's two assumptions: the conversation up to an assistant turn, rendered with
+# the generation prompt, is a token prefix of the whole; and each assistant turn ends with <|end|>.
+NOT_A_PREFIX = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+UNCLOSED = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+            "{% if m['role'] != 'assistant' %}{{ '<|end|>\\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, message", [
+    (NOT_A_PREFIX, r"row 3: tokens of the conversation up to message 1 are not a prefix of the whole conversation"),
+    (UNCLOSED, r"row 3: assistant message 1 is not closed by the end-of-turn token"),
+])
+def test_a_template_the_label_mask_cannot_follow_fails_loudly(template, message):
+    """Labels are found from the rendering, never guessed: a template that breaks either assumption is an error
+    naming the row, not a silently wrong mask."""
+    tok = tiny_tokenizer()
+    tok.chat_template = template
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(DataError, match=message):
+        ConversationEncoder(tok).encode(conversation, "row 3")
+
+
 @pytest.mark.parametrize("row, fmt, message", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "row 7: no assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "messages",
@@ -101,6 +124,11 @@ def test_template_that_drops_system_prompt_fails_loudly(phi3_tokenizer):
     ({"conversations": [{"from": "alien", "value": "x"}]}, "sharegpt", "unknown speaker 'alien'"),
     ({"instruction": "x"}, "alpaca", "need string 'instruction' and 'output'"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "must start with a user turn"),
+    ({"messages": {"role": "user", "content": "hi"}}, "messages", "'messages' must be a list"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages", "message 0 content must be a string, got list"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
+                   {"role": "assistant", "content": "b"}]}, "messages",
+     r"a system message may only come first \(found at message 1\)"),
 ])
 def test_bad_rows_name_row_and_problem(row, fmt, message):
     with pytest.raises(DataError, match=message):
@@ -127,7 +155,11 @@ def _chat(user="a", system=None):
      (json.dumps(_chat()) + "\n" + json.dumps(_chat("caf\u00e9"), ensure_ascii=False)).encode("latin-1"),
      r"latin1.jsonl line 2: not UTF-8 text"),
     ("one.json", json.dumps(_chat(), indent=2).encode(), r"one.json: one JSON object; expected a list of rows"),
+    ("rows.json", json.dumps([_chat(), [1, 2]]).encode(), r"rows.json row 1: expected a JSON object, got list"),
+    ("rows.jsonl", (json.dumps(_chat()) + "\n7\n").encode(), r"rows.jsonl row 1: expected a JSON object, got int"),
     ("missing.jsonl", None, r"data file not found: .*missing.jsonl"),
+    ("rows.csv", b"user,assistant\nhi,hello\n",
+     r"rows.csv: a file, but not .json, .jsonl or .parquet \(the suffix tells"),
 ])
 def test_files_that_are_not_data_get_one_line_errors(tmp_path, name, content, message):
     path = tmp_path / name
@@ -183,16 +215,18 @@ def test_unknown_format_names_the_keys():
 
 
 def test_truncate_and_drop_are_counted(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * 20}]}
-            for n in (10, 10, 300, 400)]
+    """Each example is counted once: kept whole, kept truncated, or dropped (too long with overlong=drop, or
+    with no answer token left after truncation)."""
+    rows = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a" * answer}]}
+            for n, answer in ((10, 20), (10, 20), (60, 80), (300, 20), (400, 20))]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     tok = tiny_tokenizer()
-    for mode, kept, truncated, dropped in (("drop", 2, 0, 2), ("truncate", 2, 2, 2)):
+    for mode, kept, truncated, dropped in (("drop", 2, 0, 3), ("truncate", 3, 1, 2)):
         cfg = load_config(None, [f"data.path={path}", "data.max_seq_len=100", f"data.overlong={mode}",
                                  "data.eval_size=0"])
         train, _ = build_datasets(cfg.data, tok, seed=0)
-        # truncation cuts off the whole answer of the long rows: they have nothing left to learn, so go
+        # truncation cuts off the whole answer of the two longest rows: they have nothing left to learn, so go
         assert (len(train), train.truncated, train.dropped) == (kept, truncated, dropped)
         assert max(len(x) for x in train.dataset["input_ids"]) <= 100
 

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, load_adapter_tensors, run_script, train_losses
+from conftest import ROOT, accelerate_launch, load_adapter_tensors, read_metrics, run_script, train_losses
 
 RECORD = ROOT / "tests" / "helpers" / "record_train.py"
-N_EXAMPLES = 45
-COMMON = ["data.demo_size=45", "training.max_steps=-1", "data.eval_size=0", "training.num_epochs=2", "lora.dropout=0",
+N_EXAMPLES = 45  # trained on; 9 more are held out and evaluated (by 2 processes: 5 and 4) before and after
+COMMON = ["data.demo_size=54", "training.max_steps=-1", "data.eval_size=9", "training.num_epochs=2", "lora.dropout=0",
           "training.logging_steps=1", "training.eval_steps=0", "data.max_seq_len=256",
           "model.tiny_hidden_size=64", "training.per_device_batch_size=2", "training.learning_rate=3e-3"]
 STEPS = 2 * math.ceil(N_EXAMPLES / 4)
@@ -46,7 +46,16 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
+def eval_losses(out) -> list[tuple[int, float]]:
+    return [(m["step"], m["eval_loss"]) for m in read_metrics(out) if "eval_loss" in m]
+
+
 def assert_same_run(reference, other, rel=1e-4):
+    """The same training losses, evaluation losses (every process evaluates its share, reduced) and adapter."""
+    ref_eval, got_eval = eval_losses(reference), eval_losses(other)
+    assert [s for s, _ in ref_eval] == [s for s, _ in got_eval] == [0, STEPS]
+    for (step, a), (_, b) in zip(ref_eval, got_eval):
+        assert b == pytest.approx(a, rel=rel), f"eval at step {step}: {a} vs {b}"
     ref_losses, losses = train_losses(reference), train_losses(other)
     assert [s for s, _ in ref_losses] == list(range(1, STEPS + 1))
     assert [s for s, _ in losses] == [s for s, _ in ref_losses]

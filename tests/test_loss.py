@@ -75,6 +75,29 @@ def test_one_batch_of_8_equals_four_micro_batches_of_2(tmp_path):
     assert float(norm_split) == pytest.approx(reference_norm, rel=1e-5)
 
 
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path):
+    """training.max_grad_norm: the step's gradients, as the optimizer gets them, are scaled to that global
+    norm (torch's max_norm / (norm + 1e-6)); the returned (logged) norm is the one before clipping."""
+    trainer = fresh_trainer(tmp_path, "training.max_grad_norm=0.01")
+    before, after = {}, {}
+    clip = trainer._clip_gradients
+
+    def capture():
+        trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        before.update({n: p.grad.detach().clone() for n, p in trainable})
+        norm = clip()
+        after.update({n: p.grad.detach().clone() for n, p in trainable})
+        return norm
+
+    trainer._clip_gradients = capture
+    _, _, _, norm = trainer.train_step(next(trainer._batches_of_epoch()))
+    total = float(torch.sqrt(sum(g.double().pow(2).sum() for g in before.values())))
+    assert total > 0.1 and float(norm) == pytest.approx(total, rel=1e-5)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name] * (0.01 / (total + 1e-6)), rtol=1e-5, atol=1e-9,
+                                   msg=name)
+
+
 def test_token_normalisation_is_not_a_mean_of_means(tmp_path):
     """The step loss weighs micro-batches by their supervised tokens (a mean of means would not)."""
     trainer = fresh_trainer(tmp_path, "training.per_device_batch_size=2", "training.gradient_accumulation_steps=4")

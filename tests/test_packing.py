@@ -109,6 +109,27 @@ def test_longrope_one_long_example_changes_a_short_ones_loss_unless_kept_apart()
             assert all(p > threshold for p in positions) or all(p <= threshold for p in positions)
 
 
+def test_longrope_kinds_switch_where_transformers_switches_the_factors():
+    """The boundary, from transformers' own behaviour: an example of exactly the original context (1024
+    tokens, largest position 1023) leaves a short one's factors alone, one token more switches them; the
+    kinds say the same."""
+    from phi3_lora.data import long_context_kinds, long_context_threshold
+    cfg, tokenizer, train, model = setup("model.tiny_rope=longrope", "data.max_seq_len=2048")
+    threshold = long_context_threshold(model.config)
+    short = train.dataset[0]
+    collate = Collator(tokenizer.pad_token_id, packed=True)
+    changed = {}
+    with torch.no_grad():
+        alone = per_example_losses(model, collate([[short]]), [[0]])[0]
+        for n in (threshold, threshold + 1):
+            ids = (short["input_ids"] * (n // len(short["input_ids"]) + 1))[:n]
+            other = {"input_ids": ids, "labels": [IGNORE_INDEX] * n, "example_id": 999}
+            mixed = per_example_losses(model, collate([[short], [other]]), [[0], [1]])[0]
+            changed[n] = abs(float(alone - mixed)) > 1e-4
+    assert changed == {threshold: False, threshold + 1: True}
+    assert long_context_kinds([threshold, threshold + 1, 5], threshold) == [0, 1, 0]
+
+
 def test_longrope_eval_loss_does_not_depend_on_the_batch_size():
     """Evaluation batches keep LongRoPE's kinds apart too (the loop's evaluate and evaluate.py's dataset_loss
     share eval_plan): one long example among short ones, the same loss at batch 1 and batch 8, where a plain

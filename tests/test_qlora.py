@@ -21,7 +21,7 @@ QLORA = ["model.load_in_4bit=true", "model.bnb_4bit_use_double_quant=true", "tra
 
 
 def needs_bitsandbytes():
-    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'phi3-lora[qlora]')")
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e '.[qlora]')")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,19 @@ def test_linear_layers_are_4bit_and_the_rest_is_not(qlora_run):
     peft_model = attach_lora(quantized, cfg.lora, seed=0)
     trainable = {n: p.dtype for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_4bit_layers_compute_in_the_configured_dtype(setting, expected):
+    """model.bnb_4bit_compute_dtype reaches every Linear4bit ("auto": the model's dtype, float32 on the CPU)."""
+    needs_bitsandbytes()
+    import bitsandbytes as bnb
+
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, [*QLORA, f"model.bnb_4bit_compute_dtype={setting}"])
+    model = load_model(cfg.model, load_tokenizer(cfg.model), seed=0)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * cfg.model.tiny_layers and {m.compute_dtype for m in layers} == {expected}
 
 
 def test_gradients_still_flow_through_4bit_layers_after_an_evaluation(monkeypatch):
@@ -226,7 +239,7 @@ def test_missing_bitsandbytes_cli_exits_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: model.load_in_4bit needs bitsandbytes, which is not installed: "
-                      "pip install 'phi3-lora[qlora]'"]
+                      "pip install -e '.[qlora]'"]
     assert not (tmp_path / "adapter").exists()
 
 
