@@ -358,7 +358,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
-        clock = _StepClock()
+        clock = _StepClock(cuda=acc.device.type == "cuda")
         for batch in batches:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.accumulate(self.model), acc.autocast():  # autocast also covers a chunked loss's lm_head
@@ -610,8 +610,8 @@ class _StepClock:
     the step's first work is queued, which on an idle device is when it runs.
     """
 
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
         self.marks: list[tuple[str | None, object]] = [(None, self._now())]
 
     def _now(self):

@@ -224,7 +224,7 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     cfg = load_config(None, ["model.load_in_4bit=true", "training.optimizer=adamw_8bit"])
     with pytest.raises(ConfigError, match=r"^model.load_in_4bit needs bitsandbytes, which is not installed: "
-                                          r"pip install 'phi3-lora\[qlora\]'$"):
+                                          r"pip install -e '\.\[qlora\]'$"):
         load_model(cfg.model, load_tokenizer(cfg.model))
     with pytest.raises(ConfigError, match=r"^training.optimizer=adamw_8bit needs bitsandbytes.*\[qlora\]'$"):
         build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(4))]}], cfg.training)
