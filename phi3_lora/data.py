@@ -340,7 +340,8 @@ class Collator:
             n = len(ids)
             input_ids[r, :n], labels[r, :n], positions[r, :n], mask[r, :n] = (
                 torch.tensor(ids), torch.tensor(labs), torch.tensor(pos), 1)
-            positions[r, n:] = torch.arange(longest - n)  # padding: a block of its own, never attended to
+            # padding keeps position 0: each padding token is a block of its own, never attended to, and the
+            # batch's largest position (which picks LongRoPE's factors, see long_context_kinds) is an example's
         example_ids = [e["example_id"] for examples in items for e in examples if e["example_id"] >= 0]
         batch = {"input_ids": input_ids, "labels": labels, "example_ids": torch.tensor(example_ids, dtype=torch.long),
                  "num_tokens": torch.tensor(int(mask.sum()) if example_ids else 0),

@@ -280,7 +280,7 @@ def test_collator_pads_and_masks():
 def test_packed_collator_restarts_positions_and_cuts_labels_between_examples():
     batch = Collator(pad_token_id=9, packed=True)([[A, B], [B]])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 6], [5, 6, 9, 9, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]  # padding: each token its own block
     # B's first token is not learned from A's last; padding is ignored
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 6], [-100, 6, -100, -100, -100]]
     assert "attention_mask" not in batch and int(batch["num_tokens"]) == 7

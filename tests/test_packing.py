@@ -109,6 +109,30 @@ def test_longrope_one_long_example_changes_a_short_ones_loss_unless_kept_apart()
             assert all(p > threshold for p in positions) or all(p <= threshold for p in positions)
 
 
+def test_padding_of_a_packed_row_does_not_switch_short_examples_to_the_long_factors():
+    """Two examples under LongRoPE's original context packed in one row, beside a short row: the short
+    row's padding is as long as the packed row, and had positions beyond the threshold (long factors
+    for the whole batch); padding keeps position 0, so the short example's loss is its loss alone."""
+    from phi3_lora.data import long_context_threshold
+    cfg, tokenizer, train, model = setup("model.tiny_rope=longrope", "data.max_seq_len=2048")
+    threshold = long_context_threshold(model.config)
+    short = train.dataset[0]
+
+    def example(n, example_id):
+        ids = (short["input_ids"] * (n // len(short["input_ids"]) + 1))[:n]
+        return {"input_ids": ids, "labels": ids, "example_id": example_id}
+
+    collate = Collator(tokenizer.pad_token_id, packed=True)
+    batch = collate([[example(threshold - 24, 1), example(threshold - 24, 2)], [short]])
+    assert batch["input_ids"].size(1) - len(short["input_ids"]) > threshold  # the padding is longer than 1024
+    assert int(batch["position_ids"].max()) == threshold - 25
+    with torch.no_grad():
+        alone = per_example_losses(model, collate([[short]]), [[0]])[0]
+        batched = per_example_losses(model, batch, [[1, 2], [0]])
+    torch.testing.assert_close(batched[0], alone, rtol=1e-5, atol=1e-5)
+    assert float(batched[1]) > 0 and float(batched[2]) > 0
+
+
 def test_longrope_kinds_switch_where_transformers_switches_the_factors():
     """The boundary, from transformers' own behaviour: an example of exactly the original context (1024
     tokens, largest position 1023) leaves a short one's factors alone, one token more switches them; the
