@@ -292,12 +292,14 @@ class Trainer:
                     if p.step % t.logging_steps == 0 or p.step == self.total_steps:
                         self._log_train(window, grad_norm, bar)
                     if t.eval_steps and p.step % t.eval_steps == 0 and p.step < self.total_steps:
-                        self.evaluate()
+                        with window.paused():
+                            self.evaluate()
                     if p.step_in_epoch == self.steps_per_epoch:
                         p.epoch += 1
                         p.step_in_epoch = 0
                     if t.save_steps and p.step % t.save_steps == 0 and p.step < self.total_steps:
-                        self.save_checkpoint()
+                        with window.paused():
+                            self.save_checkpoint()
                     if self._any_process_signalled(preemption):
                         self._stop_for_preemption(preemption.received)
                     if p.step >= self.total_steps:
@@ -351,14 +353,15 @@ class Trainer:
         """
         acc = self.accelerator
         counts = [sum(supervised_tokens(b) for b in batches), sum(int(b["num_tokens"]) for b in batches)]
+        clock = _StepClock(cuda=acc.device.type == "cuda")
         if acc.num_processes > 1:  # the batches are still on the CPU: one process needs no round trip to the GPU
             counts = [int(v) for v in acc.reduce(torch.tensor(counts, device=acc.device), "sum")]
+        clock.lap("sync")  # waiting for the slowest process's batches
         n_tokens, n_all = counts
         scale = acc.num_processes * self.cfg.training.gradient_accumulation_steps / max(n_tokens, 1)
         self.model.train()
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
-        clock = _StepClock(cuda=acc.device.type == "cuda")
         for batch in batches:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.accumulate(self.model), acc.autocast():  # autocast also covers a chunked loss's lm_head
@@ -373,6 +376,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     clock.lap("optimizer")
         loss_sum = float(acc.reduce(loss_sum, "sum"))  # the step's one wait for the device
+        clock.lap("sync")
         self.last_step_seconds = clock.seconds()
         return loss_sum, n_tokens, n_all, grad_norm
 

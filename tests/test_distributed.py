@@ -22,9 +22,9 @@ COMMON = ["data.demo_size=54", "training.max_steps=-1", "data.eval_size=9", "tra
 STEPS = 2 * math.ceil(N_EXAMPLES / 4)
 
 
-def record_run(out, launcher, *overrides):
+def record_run(out, launcher, *overrides, env=None):
     args = launcher + [str(RECORD), f"output_dir={out}", *COMMON, *overrides]
-    return run_script(args, timeout=900)
+    return run_script(args, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +97,19 @@ def test_single_process_reference(single):
 
 
 def test_ddp_two_processes_match_single(single, tmp_path):
-    record_run(tmp_path, accelerate_launch(2, "--multi_gpu"), "training.loss_chunk_size=64")
+    """Also the step-time split when one process is slower: the second takes 0.2 s more to collate each
+    batch, so the first waits about that long at each step's all-reduce of the token counts ("sync")."""
+    record_run(tmp_path, accelerate_launch(2, "--multi_gpu"), "training.loss_chunk_size=64",
+               env={"SLOW_DATA_ON_LAST_RANK": "0.2"})
     assert_same_run(single, tmp_path)
     assert_each_example_once_per_epoch(tmp_path, 2)
-    assert assert_one_writer(tmp_path, 2)["distributed_type"] == "MULTI_CPU"
+    summary = assert_one_writer(tmp_path, 2)
+    assert summary["distributed_type"] == "MULTI_CPU"
+    assert 0.15 < summary["step_sync_seconds"] < 0.2 + summary["step_forward_backward_seconds"]
+    assert summary["step_data_seconds"] < 0.1  # the first process's own batches came at once
+    steps = summary["step_data_seconds"] + summary["step_forward_backward_seconds"] + \
+        summary["step_optimizer_seconds"] + summary["step_sync_seconds"]
+    assert summary["tokens_per_second_in_steps"] == pytest.approx(summary["tokens_this_run"] / (STEPS * steps))
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])

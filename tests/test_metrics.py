@@ -51,6 +51,8 @@ def test_phi3_mini_at_4096_matches_the_published_goal():
     assert windowed == pytest.approx(4 * n + 6 * lora + 12 * 1535.5 * 3072 * 32)
     assert 0.40 * peak_flops("NVIDIA H200") / windowed == pytest.approx(23.5e3, rel=0.01)
     assert peak_flops("cpu") is None
+    # the names CUDA gives the three H100s
+    assert [peak_flops(f"NVIDIA H100 {kind}") for kind in ("80GB HBM3", "PCIe", "NVL")] == [989e12, 756e12, 835e12]
 
 
 def test_telemetry_scalars_are_logged(tmp_path):
@@ -83,6 +85,35 @@ def test_telemetry_scalars_are_logged(tmp_path):
     events.Reload()
     assert {"train/peak_memory_gb", "train/step_forward_backward_seconds",
             "train/total_tokens_per_second"} <= set(events.Tags()["scalars"])
+
+
+def test_logged_tokens_per_second_leave_out_evaluation_and_checkpointing(tmp_path):
+    """An evaluation and a checkpoint after step 2, made 1.5 s slower each: the window of steps 3-4 still
+    measures only its steps (its tokens over its rate is well under the 3 s they took)."""
+    import time
+    cfg = load_config(None, [*FAST, f"output_dir={tmp_path}", "training.max_steps=4", "training.logging_steps=2",
+                             "training.eval_steps=2", "training.save_steps=2", "data.eval_size=8"])
+    trainer = in_process_trainer(cfg)
+    tokens = []
+    step, evaluate, save = trainer.train_step, trainer.evaluate, trainer.save_checkpoint
+
+    def counting_step(batches):
+        result = step(batches)
+        tokens.append(result[2])
+        return result
+
+    def slow(work):
+        def run():
+            time.sleep(1.5)
+            return work()
+        return run
+
+    trainer.train_step, trainer.evaluate, trainer.save_checkpoint = counting_step, slow(evaluate), slow(save)
+    trainer.train()
+    rates = {m["step"]: m["total_tokens_per_second"] for m in read_metrics(tmp_path) if "loss" in m}
+    assert sorted(rates) == [2, 4]
+    seconds_of_window = {2: sum(tokens[:2]) / rates[2], 4: sum(tokens[2:]) / rates[4]}
+    assert seconds_of_window[4] < 1.0, seconds_of_window
 
 
 def test_a_fresh_run_replaces_an_earlier_runs_metrics_and_tensorboard(tmp_path):

@@ -2,10 +2,13 @@
 
 Writes OUTPUT_DIR/seen.rank{R}.json: for every optimizer step, the example ids of this process.
 Also records whether the base model's parameters were partitioned by ZeRO-3 at load time.
+With SLOW_DATA_ON_LAST_RANK=SECONDS, the last process takes that much longer to collate each batch.
 """
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -25,6 +28,15 @@ def main(argv=None):
         return step(batches)
 
     trainer.train_step = recording_step
+    delay = float(os.environ.get("SLOW_DATA_ON_LAST_RANK", 0))
+    if delay and trainer.accelerator.process_index == trainer.accelerator.num_processes - 1:
+        collate = trainer.collate
+
+        def slow_collate(items):
+            time.sleep(delay)
+            return collate(items)
+
+        trainer.collate = slow_collate
     trainer.train()
     rank = trainer.accelerator.process_index
     Path(cfg.output_dir, f"seen.rank{rank}.json").write_text(json.dumps(seen))
