@@ -17,16 +17,17 @@ weights     16/32-bit: (P_lin + P_rest) w.
                        quantization, 1/64 + 4/(64 * 256) (8-bit absmaxes, one fp32 constant per
                        256 blocks). 8-bit: P_lin + 4 (rows of all linear layers) + P_rest w.
             ZeRO-3 divides all of it by N, except the 4-bit constants (not parameters, replicated).
-adapters    P_lora = sum over adapted layers (in, out) of r (in + out), in float32: 4 P_lora
-            (peft keeps adapters in fp32). ZeRO-3: / N.
+adapters    P_lora = sum over adapted layers (in, out) of r (in + out) (loralib's fused layers and an
+            embed_tokens target: see ``adapter_tensor_sizes``), in float32: 4 P_lora (peft keeps
+            adapters in fp32). ZeRO-3: / N.
 gradients   4 P_lora; ZeRO >= 2: / N; DDP (N > 1, Z = 0) adds its gradient buckets, 4 P_lora.
 optimizer   adamw_torch, paged_adamw_32bit: 8 bytes per adapter parameter (two fp32 moments).
             adamw_8bit, paged_adamw_8bit: 2 + 8/2048 bytes per parameter of tensors with at least
             4096 elements (8-bit moments and their fp32 block scales), 8 for smaller tensors.
             DeepSpeed (Z >= 1) adds the fp32 master copy, 4 P_lora. ZeRO >= 1: / N. (Paged
             states may move to CPU memory under pressure; they are counted on the GPU here.)
-activations per token of one decoder layer, kept for backward (sdpa/flash attention keeps no
-            T x T matrix):
+activations per token of one decoder layer, kept for backward (sdpa, flash and flex attention
+            keep no T x T matrix; eager attention's is added below):
               A = 2 * 4h                               fp32 copies inside the two RMSNorms
                 + a (h + (h + 2g) + h + g + h)          qkv input, qkv output (v is a view of it),
                                                        rotated q and k, attention output
@@ -37,6 +38,10 @@ activations per token of one decoder layer, kept for backward (sdpa/flash attent
             T (4h + a h) (the final norm's fp32 copy and lm_head's input), and T a h more with
             a chunked loss (the hidden states' gradient, computed with the loss, kept for backward).
             With checkpointing one layer's A T is recomputed during backward.
+            eager attention keeps each layer's attention probabilities for backward, b H S^2 (4 + a)
+            bytes (b = per_device_batch_size, H heads, S = max_seq_len): the fp32 softmax and its
+            16-bit copy (one tensor when a = 4, 4 bytes); added to A T. Its evaluation holds one
+            layer's b_e H S^2 (4 + 2a) at once (the scores, the fp32 softmax, the copy).
             backward working set: T a (2i + 2h) (gradients of the widest activations) plus one
             dequantized weight of the largest quantized layer, in a bytes (4/8-bit matmuls
             dequantize it for every call).
@@ -114,9 +119,10 @@ def model_shape(cfg: Config) -> tuple[Shape, str]:
     """
     m = cfg.model
     if m.name_or_path == TINY_MODEL:
-        from .tiny import tiny_phi3_config, tiny_tokenizer
-        config = tiny_phi3_config(tiny_tokenizer(), layers=m.tiny_layers, hidden=m.tiny_hidden_size,
-                                  heads=m.tiny_heads, kv_heads=m.tiny_kv_heads)
+        from .model import load_tokenizer
+        from .tiny import tiny_phi3_config
+        config = tiny_phi3_config(load_tokenizer(m), layers=m.tiny_layers, hidden=m.tiny_hidden_size,
+                                  heads=m.tiny_heads, kv_heads=m.tiny_kv_heads)  # its vocabulary: the tokenizer's
         return _from_config_dict(config.to_dict()), "the tiny model's config"
     local = Path(m.name_or_path) / "config.json"
     if local.is_file():
@@ -190,6 +196,27 @@ def adapted_layers(shape: Shape, targets: list[str]) -> dict[str, tuple[int, int
     return {name: dims for name, dims in layers.items() if name in targets}
 
 
+def adapter_tensor_sizes(shape: Shape, lora) -> list[int]:
+    """Elements of every adapter tensor (A and B) of the model, as ``lora.backend`` shapes them.
+
+    peft: r x in and out x r per adapted linear layer. loralib: the same, except that its fused
+    layers have one A of r rows per enabled part and a B over the enabled parts' rows (qkv_proj's
+    parts as ``lora.qkv_enable`` says; both halves of gate_up_proj). Both: ``embed_tokens`` as a
+    target adds r x V and h x r.
+    """
+    h, g, i, r = shape.hidden_size, shape.kv_dim, shape.intermediate_size, lora.r
+    fused = {"qkv_proj": ([h, g, g], list(lora.qkv_enable)), "gate_up_proj": ([i, i], [True, True])}
+    per_layer = []
+    for name, (fan_in, fan_out) in adapted_layers(shape, lora.target_modules).items():
+        if lora.backend == "loralib" and name in fused:
+            parts, enabled = fused[name]
+            per_layer += [r * sum(enabled) * fan_in, r * sum(p for p, on in zip(parts, enabled) if on)]
+        else:
+            per_layer += [r * fan_in, r * fan_out]
+    embedding = [r * shape.vocab_size, r * h] if "embed_tokens" in lora.target_modules else []
+    return per_layer * shape.num_hidden_layers + embedding
+
+
 def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
              gradient_checkpointing: bool | None = None) -> Estimate:
     """Per-device memory of training ``cfg`` on ``shape`` (see the module docstring for the formulas).
@@ -235,8 +262,7 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
 
     # adapters, gradients, optimizer
     adapted = adapted_layers(shape, lora.target_modules)
-    tensors = [r_in for fan_in, fan_out in adapted.values() for r_in in (lora.r * fan_in, lora.r * fan_out)]
-    tensors = tensors * L
+    tensors = adapter_tensor_sizes(shape, lora)
     p_lora = sum(tensors)
     adapters = 4 * p_lora / (n if zero_stage == 3 else 1)
     gradients = 4 * p_lora / (n if zero_stage >= 2 else 1)
@@ -255,6 +281,10 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     for fan_in, _ in adapted.values():
         per_token += ((a + 1) * fan_in if lora.dropout > 0 else 0) + a * lora.r
     one_layer = per_token * tokens
+    eager = m.attn_implementation == "eager"
+    scores = shape.num_attention_heads * cfg.data.max_seq_len ** 2  # of one example in one layer
+    if eager:
+        one_layer += t.per_device_batch_size * scores * (4 + (a if a != 4 else 0))
     chunk = effective_chunk_size(t.loss_chunk_size, zero_stage)
     selected = a * h if chunk else 0  # the hidden states' gradient (training) or their copy (evaluation)
     kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)
@@ -266,6 +296,8 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     eval_tokens = t.per_device_eval_batch_size * cfg.data.max_seq_len
     eval_logits = (min(eval_tokens, chunk) if chunk else eval_tokens) * V * (a + 8)
     evaluation = eval_logits + eval_tokens * (a * (h + 3 * i) + selected) + dequantized
+    if eager:
+        evaluation += t.per_device_eval_batch_size * scores * (4 + 2 * a)
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer=opt, kept_activations=kept,
                     one_layer=one_layer, working_set=working, logits=logits, evaluation_activations=evaluation,
                     adapter_parameters=p_lora, base_parameters=p_lin + p_rest, checkpointing=ckpt)

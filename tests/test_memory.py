@@ -86,6 +86,63 @@ def test_checkpointing_saves_what_it_should(small_model):
     assert (with_ckpt.weights, with_ckpt.optimizer) == (without.weights, without.optimizer)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eager_attention_adds_the_probabilities_it_keeps(dtype):
+    """What eager attention keeps for backward beyond sdpa, measured on the tiny model's real layers (every
+    tensor saved for backward, by storage), is what the estimate adds: b H S^2 (4 + a) bytes a layer, a = 2
+    in bf16 (the fp32 softmax and its copy), one 4-byte tensor in fp32. The rest of the difference is
+    O(S h) (q, k, v saved in another layout), under 5% at this size and far less at a real one."""
+    import torch
+
+    from phi3_lora.model import load_model, load_tokenizer
+    settings = ["model.tiny_layers=2", "model.tiny_hidden_size=64", "model.tiny_heads=8", "model.tiny_kv_heads=8",
+                f"model.dtype={dtype}", "data.max_seq_len=1024", "training.per_device_batch_size=1",
+                "training.mixed_precision=no"]
+    saved, estimated = {}, {}
+    for kernel in ("sdpa", "eager"):
+        cfg = load_config(None, [*settings, f"model.attn_implementation={kernel}"])
+        estimated[kernel] = estimate(cfg, model_shape(cfg)[0]).one_layer
+        model = load_model(cfg.model, load_tokenizer(cfg.model), seed=0).train()
+        model.get_input_embeddings().weight.requires_grad_(True)  # a graph through every layer, frozen or not
+        storages, alive = {}, []
+
+        def pack(tensor):
+            alive.append(tensor)  # kept, so that no storage address is reused during the forward
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=torch.randint(3, 200, (1, 1024)), use_cache=False)
+        saved[kernel] = sum(storages.values())
+    per_layer = 1 * 8 * 1024 ** 2 * (6 if dtype == "bfloat16" else 4)
+    assert estimated["eager"] - estimated["sdpa"] == per_layer
+    assert saved["eager"] - saved["sdpa"] == pytest.approx(2 * per_layer, rel=0.05)
+
+
+@pytest.mark.parametrize("settings", [
+    [], ["lora.target_modules=[qkv_proj,down_proj]", "lora.r=4"],
+    ["lora.backend=loralib", "lora.qkv_enable=[true,false,true]"],
+    ["lora.backend=loralib", "model.tiny_kv_heads=2", "lora.qkv_enable=[false,true,true]"],
+    ["lora.backend=loralib", "lora.target_modules=[qkv_proj,gate_up_proj,embed_tokens]"],
+], ids=["peft", "peft-two-targets", "loralib-q-v", "loralib-gqa-k-v", "loralib-embedding"])
+def test_adapter_parameters_are_those_of_the_built_model(settings):
+    """The estimate's adapter count is the trainable parameter count of the model each backend builds."""
+    from phi3_lora.lora import attach_lora, parameter_counts
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, settings)
+    model = attach_lora(load_model(cfg.model, load_tokenizer(cfg.model), seed=0), cfg.lora, seed=0)
+    assert estimate(cfg, model_shape(cfg)[0]).adapter_parameters == parameter_counts(model)[0]
+
+
+def test_the_tiny_models_vocabulary_is_its_tokenizers():
+    from conftest import shared_path
+    tokenizer = shared_path("phi3-tokenizer", "hf")  # skips, saying why, without ../shared
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, [f"model.tokenizer={tokenizer}"])
+    built = load_model(cfg.model, load_tokenizer(cfg.model), seed=0).config.vocab_size
+    assert model_shape(cfg)[0].vocab_size == built == 32064  # the real Phi-3 vocabulary
+
+
 def test_shapes_come_from_the_real_config():
     mini = load_config(ROOT / "configs" / "phi3-mini-4k-qlora-consumer.yaml")
     shape, source = model_shape(mini)
