@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -273,7 +274,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
             if item is bool:
-                value = [yaml.safe_load(v) for v in value]
+                value = [_read_yaml_value(v) for v in value]
         if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
             raise ConfigError(f"{key}: expected a list of {'true/false values' if item is bool else 'strings'}, "
                               f"got {value!r}")
@@ -313,13 +314,29 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans, true and false only: YAML 1.1 also reads yes, no,
+    on and off as booleans, which made ``training.mixed_precision: no`` the boolean False."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _read_yaml_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"training.max_steps=20"`` -> ``("training.max_steps", 20)``; the value is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. training.max_steps=20")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _read_yaml_value(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -330,7 +347,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _read_yaml_value(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

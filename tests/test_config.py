@@ -28,6 +28,18 @@ def test_overrides_are_typed_and_win(tmp_path):
     assert cfg.output_dir == "/tmp/x"
 
 
+def test_no_is_a_string_and_only_true_and_false_are_booleans(tmp_path):
+    """YAML 1.2's booleans: YAML 1.1 (PyYAML's default) reads no/yes/on/off as booleans, which made the
+    documented ``training.mixed_precision: no`` an error, in a recipe and on the command line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  mixed_precision: no\n  gradient_checkpointing: true\n")
+    assert load_config(recipe).training.mixed_precision == "no"
+    cfg = load_config(None, ["training.mixed_precision=no", "data.packing=True", "training.compile=false"])
+    assert (cfg.training.mixed_precision, cfg.data.packing, cfg.training.compile) == ("no", True, False)
+    with pytest.raises(ConfigError, match="data.packing: expected true or false, got 'yes'"):
+        load_config(None, ["data.packing=yes"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("training.learning_rat=1e-4", "unknown key 'training.learning_rat' (command line) (did you mean "
                                    "'training.learning_rate'?)"),
