@@ -105,6 +105,8 @@ def normalise_adapter_key(key: str, adapter_name: str = "default", peft: bool = 
     for i, part in enumerate(parts):
         if part in _ADAPTER_PARTS and (i + 1 >= len(parts) or parts[i + 1] != adapter_name):
             parts.insert(i + 1, adapter_name)
+            if part == "lora_magnitude_vector" and i + 2 == len(parts):  # peft saves DoRA's without ".weight"
+                parts.append("weight")
             break
     return ".".join(parts)
 

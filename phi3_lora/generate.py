@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import ConfigError
 from .formats import DataError, check_conversation
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>", "<|assistant|>")
@@ -53,6 +54,15 @@ class GenerationSettings:
     top_p: float = 0.9
     batch_size: int = 8
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}: must be at least 1, got {getattr(self, name)}")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"--temperature: must be greater than 0 to sample, got {self.temperature}")
+        if self.do_sample and not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p: must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
         if self.do_sample:

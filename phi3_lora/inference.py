@@ -24,10 +24,15 @@ QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit")
 
 def run_config(config: str | None, overrides: list[str], adapter: str | None = None,
                model: str | None = None) -> Config:
-    """The settings to rebuild a run with: ``config``, else the run's config.yaml beside ``adapter``,
-    else the embedded demo recipe; then ``overrides``; ``model`` (a path or hub id) replaces ``model.name_or_path``."""
-    if config is None and adapter is not None and (Path(adapter).parent / "config.yaml").is_file():
-        config = str(Path(adapter).parent / "config.yaml")
+    """The settings to rebuild a run with: ``config``, else the run's config.yaml beside ``adapter``, else
+    the embedded demo recipe (an adapter with neither needs ``model``); then ``overrides``; ``model`` (a
+    path or hub id) replaces ``model.name_or_path``."""
+    if config is None and adapter is not None:
+        beside = Path(adapter).parent / "config.yaml"
+        if not beside.is_file() and model is None:  # the demo recipe would rebuild some other base
+            raise ConfigError(f"--adapter {adapter}: no run config.yaml beside it ({beside}); pass the run's "
+                              "--config, or --model for the base it was trained on")
+        config = str(beside) if beside.is_file() else None
     extra = [f"model.name_or_path={model}"] if model else []
     return load_config(config, [*overrides, *extra])
 
@@ -78,12 +83,12 @@ def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None
         from peft import PeftConfig, PeftModel
         try:
             adapter_config = PeftConfig.from_pretrained(str(path))
-        except Exception as err:  # peft raises several types for a malformed config
+            adapter_config.inference_mode = False  # trainable until loaded: the loader checks every adapter parameter
+            model = PeftModel(model, adapter_config)
+        except Exception as err:  # peft raises several types for a malformed config, when reading or applying it
             raise CheckpointError(f"{path / 'adapter_config.json'}: {str(err).splitlines()[0]}") from None
-        adapter_config.inference_mode = False  # trainable until loaded: the loader checks every adapter parameter
-        model = PeftModel(model, adapter_config)
         load_adapter_state(model, state, str(weights))
-        model.requires_grad_(False)
+    model.requires_grad_(False)  # also the base alone: the chunked loss needs a frozen lm_head
     model.eval()
     return model
 

@@ -77,7 +77,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: tor
     never targets it, see ``lora.check_targets``).
     """
     if type(head) is not torch.nn.Linear or any(p.requires_grad for p in head.parameters()):
-        raise ConfigError(f"training.loss_chunk_size needs a frozen linear lm_head, not {type(head).__name__}; "
+        what = type(head).__name__ if type(head) is not torch.nn.Linear else "a trainable Linear"
+        raise ConfigError(f"training.loss_chunk_size needs a frozen linear lm_head, not {what}; "
                           "set training.loss_chunk_size=0")
     if len(targets) == 0:  # 0, still attached to the graph: an empty micro-batch's backward must run too
         return hidden.sum().float()

@@ -44,11 +44,11 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = run_config(args.config, [*args.overrides, *quantization_override(args.load_in_4bit)],
                      adapter=args.adapter, model=args.model)
+    settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, 1, args.seed)
     tokenizer = load_tokenizer_for(cfg)
     model = load_for_inference(cfg, tokenizer, args.adapter)
     if torch.cuda.is_available() and not args.load_in_4bit:
         model.to("cuda")
-    settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, 1, args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)

@@ -40,6 +40,7 @@ from phi3_lora.inference import dataset_loss, load_for_inference, load_tokenizer
 
 def parse_args(argv):
     parser = config_parser(__doc__, epilog_keys=False)
+    parser.add_argument("--model", help="base model (hub id or directory); default: the run's model.name_or_path")
     parser.add_argument("--adapter", help="PEFT adapter directory (OUTPUT_DIR/adapter); default: the base model alone")
     parser.add_argument("--data", help="evaluate the loss on this whole dataset instead of the run's eval split")
     parser.add_argument("--prompts", help="JSONL prompts file to answer (messages or MT-bench turns)")
@@ -119,7 +120,12 @@ def summarise(records: list[dict], prefix: str = "") -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = run_config(args.config, args.overrides, adapter=args.adapter)
+    cfg = run_config(args.config, args.overrides, adapter=args.adapter, model=args.model)
+    settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
+                                  args.batch_size, args.seed)
+    if args.compare_base and cfg.lora.init in ("pissa", "olora"):
+        raise ConfigError(f"--compare_base: with lora.init={cfg.lora.init} the adapter's base is the residual of "
+                          "the original weights, not the base model; evaluate the base without --adapter instead")
     out_dir = Path(args.out_dir or Path(cfg.output_dir) / "evaluation")
     tokenizer = load_tokenizer_for(cfg)
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad prompts fail before the model loads
@@ -140,8 +146,6 @@ def main(argv=None):
             results.update({"base_eval_loss": base_loss, "base_eval_perplexity": math.exp(min(base_loss, 50))})
 
     if prompts is not None:
-        settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
-                                      args.batch_size, args.seed)
         answers = answer_prompts(model, tokenizer, prompts, settings)
         base_answers = None
         if args.compare_base:

@@ -13,6 +13,7 @@ a few prompts and the largest difference is printed; --max_logit_diff makes it a
 One process, on the CPU or the first GPU.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -58,8 +59,12 @@ def main(argv=None):
 
     args = parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B|\d+", args.max_shard_size.strip(), flags=re.IGNORECASE):
+        raise ConfigError(f"--max_shard_size: expected a size such as 5GB or 500MB, got {args.max_shard_size!r}")
     cfg = run_config(args.config, [*args.overrides, f"model.dtype={args.dtype}"], adapter=args.adapter,
                      model=args.model)
     if unquantized(cfg):

@@ -102,6 +102,8 @@ def test_evaluate_loss_and_generations(run):
     ("another model",
      r"adapter_model.safetensors: .*lora_A.default.weight has shape \(16, 256\), the model expects \(16, 128\)"),
     ("keys missing", r"adapter_model.safetensors: 2 adapter parameters of the model are not in the file"),
+    ("config empty", r"adapter_config.json: "),
+    ("config rank not a number", r"adapter_config.json: "),
 ])
 def test_a_damaged_or_foreign_adapter_is_one_line(run, tmp_path, damage, message):
     """evaluate.py (as chat.py and merge_adapter.py) loads the adapter with the checked loader."""
@@ -116,6 +118,10 @@ def test_a_damaged_or_foreign_adapter_is_one_line(run, tmp_path, damage, message
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "another model":
         overrides = ["model.tiny_hidden_size=64"]
+    elif damage.startswith("config"):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text("{}" if damage == "config empty" else
+                                                     json.dumps({**config, "r": "x"}))
     else:
         state = load_file(weights)
         save_file({k: v for k, v in state.items() if ".layers.0.self_attn.o_proj." not in k}, weights)
@@ -125,6 +131,46 @@ def test_a_damaged_or_foreign_adapter_is_one_line(run, tmp_path, damage, message
     errors = proc.stderr.strip().splitlines()
     assert re.search(message, errors[-1]) and errors[-1].startswith("error: "), errors[-3:]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_base_alone_is_evaluated_with_the_chunked_loss(run, tmp_path):
+    """Without --adapter (the base, or a merged model) the loss is the run's own step-0 evaluation of the base."""
+    proc = run_script([sys.executable, EVALUATE, "--config", str(run / "config.yaml"), "--out_dir", str(tmp_path)],
+                      env=ONE_THREAD)
+    results = json.loads((tmp_path / "results.json").read_text())
+    first_eval = next(m["eval_loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                      if m.get("step") == 0 and "eval_loss" in m)
+    assert results["eval_loss"] == pytest.approx(first_eval, rel=1e-5), proc.stdout[-500:]
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    (EVALUATE, ["--batch_size", "0", "--prompts", "PROMPTS"], "--batch_size: must be at least 1, got 0"),
+    (EVALUATE, ["--max_new_tokens", "-1", "--prompts", "PROMPTS"], "--max_new_tokens: must be at least 1, got -1"),
+    (EVALUATE, ["--do_sample", "--temperature", "0", "--prompts", "PROMPTS"],
+     "--temperature: must be greater than 0 to sample, got 0.0"),
+    (EVALUATE, ["--compare_base", "lora.init=pissa"], "--compare_base: with lora.init=pissa the adapter's base is"),
+    (MERGE, ["--out", "FILE"], "is not a directory"),
+    (MERGE, ["--out", "NEW", "--max_shard_size", "abc"], "--max_shard_size: expected a size such as 5GB"),
+    (CHAT, ["--max_new_tokens", "0"], "--max_new_tokens: must be at least 1, got 0"),
+])
+def test_bad_options_are_one_line_before_anything_loads(run, tmp_path, script, arguments, message):
+    (tmp_path / "FILE").write_text("not a directory")
+    arguments = [{"PROMPTS": str(run / "prompts.jsonl"), "FILE": str(tmp_path / "FILE"),
+                  "NEW": str(tmp_path / "new")}.get(a, a) for a in arguments]
+    proc = run_script([sys.executable, script, "--config", str(run / "config.yaml"), "--adapter", str(run / "adapter"),
+                       *arguments], env=ONE_THREAD, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+    assert (tmp_path / "FILE").read_text() == "not a directory" and not (tmp_path / "new").exists()
+
+
+def test_an_adapter_away_from_its_run_needs_the_runs_config(run, tmp_path):
+    """Without config.yaml beside it, the demo recipe would rebuild another base (another seed, another size)."""
+    import shutil
+    shutil.copytree(run / "adapter", tmp_path / "adapter")
+    proc = run_script([sys.executable, EVALUATE, "--adapter", str(tmp_path / "adapter")], env=ONE_THREAD, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "no run config.yaml beside it" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_multi_turn_feeds_back_the_models_own_answer(run, loaded):

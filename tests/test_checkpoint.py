@@ -181,12 +181,12 @@ def test_crash_safety_under_sigkill(reference, tmp_path):
 
 # ----------------------------------------------------------------------------- strict=False, checked
 
-def tiny_peft(r=8, hidden=64, targets=("qkv_proj", "o_proj")):
+def tiny_peft(r=8, hidden=64, targets=("qkv_proj", "o_proj"), *overrides):
     from phi3_lora.config import load_config
     from phi3_lora.lora import attach_lora
     from phi3_lora.model import load_model, load_tokenizer
     cfg = load_config(None, [f"lora.r={r}", f"model.tiny_hidden_size={hidden}",
-                             f"lora.target_modules=[{','.join(targets)}]"])
+                             f"lora.target_modules=[{','.join(targets)}]", *overrides])
     return attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=1)
 
 
@@ -210,6 +210,26 @@ def test_adapter_with_known_prefixes_loads_exactly(prefix):
     assert missing_base > 0  # the base weights are not in an adapter file, as expected
     loaded = dict(target.named_parameters())
     for key, value in source.items():
+        assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize("variant", [[], ["lora.use_dora=true"]], ids=["lora", "dora"])
+def test_a_saved_adapter_directory_loads_back_exactly(tmp_path, variant):
+    """Written as training writes it (peft's file format: DoRA's magnitude saved without ".weight") and
+    read back with the checked loader, as evaluate, chat, merge and resuming do."""
+    from phi3_lora.lora import load_adapter_dir, save_adapter
+    source = tiny_peft(8, 64, ("qkv_proj", "o_proj"), *variant)
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_adapter(source, saved_adapter(source), tmp_path / "adapter")
+    target = tiny_peft(8, 64, ("qkv_proj", "o_proj"), *variant)
+    load_adapter_dir(target, tmp_path / "adapter")
+    trained = {k: v for k, v in source.named_parameters() if v.requires_grad}
+    assert len(trained) == (12 if variant else 8)  # 2 layers x 2 targets x (A, B[, magnitude])
+    loaded = dict(target.named_parameters())
+    for key, value in trained.items():
         assert torch.equal(loaded[key], value), key
 
 
@@ -383,6 +403,16 @@ def test_exact_resume_loralib_backend(tmp_path_factory, tmp_path):
     preempt_and_resume(tmp_path, 6, *loralib)
     assert_identical(reference, tmp_path)
     assert (tmp_path / "adapter" / "loralib_adapter.safetensors").is_file()
+
+
+def test_exact_resume_dora(tmp_path_factory, tmp_path):
+    """DoRA's magnitude vectors are resumed too (peft's file names them differently from the model)."""
+    dora = ["lora.use_dora=true", "lora.dropout=0.1"]
+    reference = uninterrupted(tmp_path_factory, "dora_reference", *dora)
+    preempt_and_resume(tmp_path, 6, *dora)
+    assert_identical(reference, tmp_path)
+    magnitudes = [k for k in load_adapter_tensors(tmp_path) if k.endswith(".lora_magnitude_vector")]  # peft's names
+    assert len(magnitudes) == 2 * 4  # 2 layers x 4 targets
 
 
 @pytest.mark.parametrize("marker", ["[]", '{"files": ["a"]}', '{"files": {"a": 1}}', '{"step": 3}', "{not json"])
