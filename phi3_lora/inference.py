@@ -29,10 +29,11 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
     path or hub id) replaces ``model.name_or_path``."""
     if config is None and adapter is not None:
         beside = Path(adapter).parent / "config.yaml"
-        if not beside.is_file() and model is None:  # the demo recipe would rebuild some other base
+        if beside.is_file():
+            config = str(beside)
+        elif model is None:  # the demo recipe would rebuild some other base
             raise ConfigError(f"--adapter {adapter}: no run config.yaml beside it ({beside}); pass the run's "
                               "--config, or --model for the base it was trained on")
-        config = str(beside) if beside.is_file() else None
     extra = [f"model.name_or_path={model}"] if model else []
     return load_config(config, [*overrides, *extra])
 

@@ -280,11 +280,9 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     per_token = 2 * 4 * h + a * (h + (h + 2 * g) + h + g + h) + a * (h + 2 * i + i + i)
     for fan_in, _ in adapted.values():
         per_token += ((a + 1) * fan_in if lora.dropout > 0 else 0) + a * lora.r
-    one_layer = per_token * tokens
-    eager = m.attn_implementation == "eager"
-    scores = shape.num_attention_heads * cfg.data.max_seq_len ** 2  # of one example in one layer
-    if eager:
-        one_layer += t.per_device_batch_size * scores * (4 + (a if a != 4 else 0))
+    # eager attention's probabilities, per example and layer: kept for backward, and held during an evaluation
+    scores = shape.num_attention_heads * cfg.data.max_seq_len ** 2 if m.attn_implementation == "eager" else 0
+    one_layer = per_token * tokens + t.per_device_batch_size * scores * (4 + (a if a != 4 else 0))
     chunk = effective_chunk_size(t.loss_chunk_size, zero_stage)
     selected = a * h if chunk else 0  # the hidden states' gradient (training) or their copy (evaluation)
     kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)
@@ -295,9 +293,8 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     logits = min(tokens, chunk) * V * (2 * a + 4) if chunk else tokens * V * 12
     eval_tokens = t.per_device_eval_batch_size * cfg.data.max_seq_len
     eval_logits = (min(eval_tokens, chunk) if chunk else eval_tokens) * V * (a + 8)
-    evaluation = eval_logits + eval_tokens * (a * (h + 3 * i) + selected) + dequantized
-    if eager:
-        evaluation += t.per_device_eval_batch_size * scores * (4 + 2 * a)
+    evaluation = (eval_logits + eval_tokens * (a * (h + 3 * i) + selected) + dequantized
+                  + t.per_device_eval_batch_size * scores * (4 + 2 * a))
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer=opt, kept_activations=kept,
                     one_layer=one_layer, working_set=working, logits=logits, evaluation_activations=evaluation,
                     adapter_parameters=p_lora, base_parameters=p_lin + p_rest, checkpointing=ckpt)
