@@ -492,7 +492,20 @@ def ours(args) -> None:
                  estimate_gb=(predicted.peak if trainer.eval_data is not None else predicted.training_peak) / 1e9,
                  estimate_parts_gb={k: getattr(predicted, k) / 1e9 for k in
                                     ("weights", "adapters", "gradients", "optimizer", "activations", "logits")},
-                 loop_tokens_per_second=statistics.median(loop_rates) if loop_rates else None)
+                 loop_tokens_per_second=statistics.median(loop_rates) if loop_rates else None,
+                 **({"dynamo": dynamo_counters()} if cfg.training.compile else {}))
+
+
+def dynamo_counters() -> dict:
+    """What torch.compile did in this run: frame compilations (each recompilation is one more), graphs, graph
+    breaks by reason (its first line).
+
+    A compiled run no faster than its eager twin is explained here: a graph break or a recompilation per
+    decoder layer (past ``recompile_limit`` each further layer runs eagerly) shows as counts in the dozens.
+    """
+    from torch._dynamo.utils import counters
+    return {group: {str(key).splitlines()[0][:200]: count for key, count in counters[group].most_common(10)}
+            for group in ("frames", "stats", "graph_break", "unimplemented") if counters[group]}
 
 
 def trl(args) -> None:
@@ -721,13 +734,23 @@ def report(args) -> None:
                       "peak_gb": r["peak_gb"] / plain["peak_gb"]}
             r["vs_plain"] = {"run": plain["label"], **ratios}
             print(f"  variant {r['label']} ({' '.join(r['overrides'])}): tokens/s {ratios['tokens_per_second']:.2f}x, "
-                  f"peak {ratios['peak_gb']:.2f}x of {plain['label']}")
+                  f"peak {ratios['peak_gb']:.2f}x of {plain['label']}{compiled_what(r)}")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device, "versions": runs[0].get("versions") or versions(), "goals_of": args.goals,
               "goals": checks, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {args.json}")
+
+
+def compiled_what(run: dict) -> str:
+    """'; compiled: F frame compilations, G graphs, B graph breaks' for a compiled run, else ''."""
+    dynamo = run.get("dynamo")
+    if dynamo is None:
+        return ""
+    frames, graphs = dynamo.get("frames", {}).get("total", 0), dynamo.get("stats", {}).get("unique_graphs", 0)
+    breaks = sum(dynamo.get("graph_break", {}).values())
+    return f"; compiled: {frames} frame compilations, {graphs} graphs, {breaks} graph breaks"
 
 
 # ----------------------------------------------------------------------------- command line

@@ -144,6 +144,16 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def check_system_prompts(tokenizer, prompts: list[Prompt]) -> None:
+    """Before any model loads: a prompt whose system message the chat template drops is a ``DataError``."""
+    for p in prompts:
+        if p.context and p.context[0]["role"] == "system":
+            try:
+                encode_prompts(tokenizer, [p.context + [{"role": "user", "content": p.turns[0]}]])
+            except DataError as err:
+                raise DataError(f"prompt {p.id}: {err}") from None
+
+
 # ----------------------------------------------------------------------------- generation
 
 def encode_prompts(tokenizer, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
@@ -168,15 +178,48 @@ def cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], bool
     return tokens, False
 
 
+def context_length(model) -> int:
+    """The most tokens (prompt and answer) the model was made for: its ``max_position_embeddings``."""
+    return model.config.max_position_embeddings
+
+
+def prompt_length(tokenizer, conversation: list[dict]) -> int:
+    return len(encode_prompts(tokenizer, [conversation])["input_ids"][0])
+
+
+def trim_history(tokenizer, history: list[dict], limit: int) -> tuple[list[dict], int]:
+    """``history`` without its oldest exchanges, so that its prompt holds at most ``limit`` tokens, and how
+    many user turns were left out. A leading system message stays; the last user turn must fit alone."""
+    start = 1 if history and history[0]["role"] == "system" else 0
+    turns = [i for i in range(start, len(history)) if history[i]["role"] == "user"]
+    for dropped, first in enumerate(turns):
+        kept = history[:start] + history[first:]
+        if prompt_length(tokenizer, kept) <= limit:
+            return kept, dropped
+    raise DataError(f"the message alone is a prompt of {prompt_length(tokenizer, kept)} tokens, over the "
+                    f"{limit} the model's context leaves beside the answer")
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], settings: GenerationSettings,
-                     streamer=None) -> list[Answer]:
-    """Answer each conversation (ending with a user turn) in one left-padded batch."""
+                     streamer=None, names: list[str] | None = None) -> list[Answer]:
+    """Answer each conversation (ending with a user turn) in one left-padded batch.
+
+    Prompt and answer stay within the model's context: the batch's answers get at most the room its longest
+    prompt leaves (an answer cut there is not ``stopped``); a prompt that fills the context is a ``DataError``
+    naming it (``names``: one per conversation, default "conversation N").
+    """
     stop_ids = stop_token_ids(tokenizer)
     inputs = encode_prompts(tokenizer, conversations)
+    room = context_length(model) - inputs["input_ids"].shape[1]
+    if room < 1:
+        longest = int(inputs["attention_mask"].sum(1).argmax())
+        name = names[longest] if names else f"conversation {longest + 1}"
+        raise DataError(f"{name}: its prompt of {inputs['input_ids'].shape[1]} tokens leaves no room for an "
+                        f"answer in the model's context of {context_length(model)} tokens")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids,
+    output = model.generate(**inputs, max_new_tokens=min(settings.max_new_tokens, room), eos_token_id=stop_ids,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer,
                             **settings.generate_kwargs())
     answers = []
@@ -201,7 +244,8 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], settings: Generation
                 histories[i].append({"role": "user", "content": prompts[i].turns[turn]})
             for start in range(0, len(todo), settings.batch_size):
                 chunk = todo[start:start + settings.batch_size]
-                batch_answers = generate_answers(model, tokenizer, [histories[i] for i in chunk], settings)
+                batch_answers = generate_answers(model, tokenizer, [histories[i] for i in chunk], settings,
+                                                 names=[f"prompt {prompts[i].id} turn {turn + 1}" for i in chunk])
                 for i, answer in zip(chunk, batch_answers):
                     answers[i].append(answer)
                     histories[i].append({"role": "assistant", "content": answer.text})

@@ -7,8 +7,10 @@
 
 Type a message and press Enter. /reset forgets the conversation (the system prompt stays),
 /exit (or end of input, Ctrl-D) quits. Answers stream token by token and stop on <|end|>,
-<|endoftext|> or <|assistant|> (ids from the tokenizer). Greedy unless --do_sample. The base of a
-run of the tiny demo model is rebuilt from the run's config.yaml beside the adapter (or --config).
+<|endoftext|> or <|assistant|> (ids from the tokenizer). Greedy unless --do_sample. A conversation
+longer than the model's context (less --max_new_tokens) leaves out its oldest exchanges, and says so.
+The base of a run of the tiny demo model is rebuilt from the run's config.yaml beside the adapter (or
+--config).
 """
 
 import sys
@@ -19,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
-from phi3_lora.generate import GenerationSettings, generate_answers  # noqa: E402
+from phi3_lora.formats import DataError  # noqa: E402
+from phi3_lora.generate import (GenerationSettings, context_length, encode_prompts, generate_answers,  # noqa: E402
+                               trim_history)
 from phi3_lora.inference import (load_for_inference, load_tokenizer_for, quantization_override,  # noqa: E402
                                  run_config)
 
@@ -46,11 +50,16 @@ def main(argv=None):
                      adapter=args.adapter, model=args.model)
     settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, 1, args.seed)
     tokenizer = load_tokenizer_for(cfg)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    encode_prompts(tokenizer, [start + [{"role": "user", "content": "hi"}]])  # a template without a system role
     model = load_for_inference(cfg, tokenizer, args.adapter)
     if torch.cuda.is_available() and not args.load_in_4bit:
         model.to("cuda")
+    limit = context_length(model) - args.max_new_tokens  # what the prompt may hold
+    if limit < 1:
+        raise DataError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context_length(model)} tokens")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     torch.manual_seed(args.seed)
     print(f"chatting with {cfg.model.name_or_path}" + (f" + {args.adapter}" if args.adapter else "")
@@ -69,7 +78,15 @@ def main(argv=None):
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
+        try:
+            history, dropped = trim_history(tokenizer, history + [{"role": "user", "content": text}], limit)
+        except DataError as err:
+            print(f"(not sent: {err}; shorten it or lower --max_new_tokens)", flush=True)
+            continue
+        if dropped:
+            print(f"(the oldest {dropped} exchange{'s' if dropped > 1 else ''} left out: the conversation is over "
+                  f"the {limit} tokens the model's context of {context_length(model)} leaves beside the answer)",
+                  flush=True)
         print("assistant> ", end="", flush=True)
         answer = generate_answers(model, tokenizer, [history], settings, streamer=streamer)[0]
         if not answer.stopped:

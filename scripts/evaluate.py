@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from phi3_lora import data as data_lib  # noqa: E402
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError  # noqa: E402
-from phi3_lora.generate import (GenerationSettings, answer_prompts, disabled_adapter, read_prompts,  # noqa: E402
-                                score)
+from phi3_lora.generate import (GenerationSettings, answer_prompts, check_system_prompts,  # noqa: E402
+                                disabled_adapter, read_prompts, score)
 from phi3_lora.inference import dataset_loss, load_for_inference, load_tokenizer_for, run_config  # noqa: E402
 
 
@@ -129,6 +129,8 @@ def main(argv=None):
     out_dir = Path(args.out_dir or Path(cfg.output_dir) / "evaluation")
     tokenizer = load_tokenizer_for(cfg)
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad prompts fail before the model loads
+    if prompts is not None:
+        check_system_prompts(tokenizer, prompts)
     split = None if args.no_loss else eval_split(cfg, tokenizer, args.data)
     model = load_for_inference(cfg, tokenizer, args.adapter)
     if torch.cuda.is_available():

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, run_script, train
+from conftest import ROOT, SHARED, run_script, shared_path, train
 from phi3_lora.formats import DataError
-from phi3_lora.generate import GenerationSettings, generate_answers, read_prompts, score, stop_token_ids
+from phi3_lora.generate import (GenerationSettings, generate_answers, prompt_length, read_prompts, score,
+                                stop_token_ids, trim_history)
 from phi3_lora.inference import load_for_inference, load_tokenizer_for, run_config
 
 EVALUATE, MERGE, CHAT = (str(ROOT / "scripts" / name) for name in ("evaluate.py", "merge_adapter.py", "chat.py"))
@@ -209,6 +210,20 @@ def test_bad_prompts_file_names_the_line(tmp_path):
         read_prompts(bad)
 
 
+def test_a_dropped_system_prompt_fails_before_the_model_loads(run, tmp_path):
+    """evaluate.py with the real tokenizer's own template, which drops system messages: exit 2 naming the
+    prompt, before loading (its 32,064 tokens would not fit the tiny model: that error would come next)."""
+    tokenizer = shared_path("phi3-tokenizer", "hf")
+    proc = run_script([sys.executable, EVALUATE, "--config", str(run / "config.yaml"), "--adapter",
+                       str(run / "adapter"), "--prompts", str(run / "prompts.jsonl"), "--no_loss",
+                       "--out_dir", str(tmp_path / "evaluation"), f"model.tokenizer={tokenizer}",
+                       "data.chat_template=tokenizer"], env=ONE_THREAD, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "prompt hello: the chat template drops the system prompt; set data.chat_template=phi3 to render it")
+    assert not (tmp_path / "evaluation").exists()
+
+
 def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,6 +268,76 @@ def test_chat_two_turns_reset_and_exit(run, loaded):
         history.append({"role": "assistant", "content": answer.text})
         expected.append(answer.text)
     assert answers == expected  # streamed text = the answer, and turn 2 saw turn 1
+
+
+def test_answers_stay_within_the_context(loaded):
+    """A prompt near the end of the context gets a shorter answer (cut, not stopped), one that fills it is
+    a one-line error naming it; trim_history leaves out the oldest exchanges, never the system message."""
+    _, tokenizer, model = loaded
+    conversation = [{"role": "user", "content": "Spell 'candle' backwards."}]
+    length, context = prompt_length(tokenizer, conversation), model.config.max_position_embeddings
+    try:
+        model.config.max_position_embeddings = length + 3
+        answer = generate_answers(model, tokenizer, [conversation], GenerationSettings(max_new_tokens=MAX_NEW))[0]
+        assert answer.new_tokens == 3 and not answer.stopped
+        model.config.max_position_embeddings = length
+        with pytest.raises(DataError, match=f"^turn 7: its prompt of {length} tokens leaves no room for an answer "
+                                            f"in the model's context of {length} tokens$"):
+            generate_answers(model, tokenizer, [[{"role": "user", "content": "Hi"}], conversation],
+                             GenerationSettings(), names=["turn 6", "turn 7"])
+    finally:
+        model.config.max_position_embeddings = context
+    system = {"role": "system", "content": "Answer briefly."}
+    history = [system]
+    for i in range(3):
+        history += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    history.append({"role": "user", "content": "Question 3?"})
+    full = prompt_length(tokenizer, history)
+    assert trim_history(tokenizer, history, full) == (history, 0)
+    assert trim_history(tokenizer, history, full - 1) == ([system] + history[3:], 1)
+    last = [system, history[-1]]
+    assert trim_history(tokenizer, history, prompt_length(tokenizer, last)) == (last, 3)
+    with pytest.raises(DataError, match=f"the message alone is a prompt of {prompt_length(tokenizer, last)} tokens"):
+        trim_history(tokenizer, history, prompt_length(tokenizer, last) - 1)
+
+
+def test_chat_leaves_out_old_exchanges_past_the_context(run, tmp_path):
+    """chat.py on a merged model whose context is cut to fit two exchanges: the third message is sent with
+    the first exchange left out (said so, and the answer is the one to the shortened conversation), a
+    message longer than the context is not sent, and the chat goes on."""
+    from transformers import AutoModelForCausalLM
+
+    merged = tmp_path / "merged"
+    run_script([sys.executable, MERGE, "--adapter", str(run / "adapter"), "--out", str(merged), "--dtype", "float32"],
+               env=ONE_THREAD)
+    model = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    cfg = run_config(None, [], model=str(merged))
+    tokenizer = load_tokenizer_for(cfg)
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    turns = ["What is 12 plus 30?", "What is 5 plus 6?", "What is 7 plus 8?"]
+    history, expected = [], []
+    for text in turns[:2]:
+        history.append({"role": "user", "content": text})
+        expected.append(generate_answers(model, tokenizer, [history], settings)[0].text)
+        history.append({"role": "assistant", "content": expected[-1]})
+    limit = prompt_length(tokenizer, history + [{"role": "user", "content": turns[2]}]) - 1
+    third = history[2:] + [{"role": "user", "content": turns[2]}]
+    assert prompt_length(tokenizer, third) <= limit
+    expected.append(generate_answers(model, tokenizer, [third], settings)[0].text)
+    config = json.loads((merged / "config.json").read_text())
+    config["max_position_embeddings"] = limit + MAX_NEW
+    (merged / "config.json").write_text(json.dumps(config))
+    script = "\n".join([turns[0], turns[1], "seven " * limit, turns[2], "/exit"]) + "\n"
+    proc = subprocess.run([sys.executable, CHAT, "--model", str(merged), "--max_new_tokens", str(MAX_NEW)],
+                          input=script, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [line.split("assistant> ", 1)[1].strip() for line in proc.stdout.splitlines() if "assistant> " in line]
+    assert answers == expected
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("you> (")]
+    assert len(notes) == 2 and "(not sent: the message alone is a prompt of" in notes[0]
+    assert notes[1] == (f"you> (the oldest 1 exchange left out: the conversation is over the {limit} tokens the "
+                        f"model's context of {limit + MAX_NEW} leaves beside the answer)")
 
 
 def test_chat_on_a_4bit_base(run):

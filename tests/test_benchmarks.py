@@ -171,6 +171,32 @@ def test_no_paged_replaces_only_a_paged_optimizer(tmp_path, capsys):
     assert "nothing to check" in capsys.readouterr().out
 
 
+def test_dynamo_counters_explain_a_compiled_run():
+    """What a compiled run records: a function with one graph break, compiled (eager backend: no codegen),
+    called with two dtypes (a recompilation of both halves): 4 frame compilations, 4 graphs, 2 graph breaks,
+    each reason on one line."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    def step(x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x + 1
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="eager")
+    compiled(torch.ones(3))
+    compiled(torch.ones(3, dtype=torch.float64))
+    compiled(torch.ones(3, dtype=torch.float64))  # no more compilation
+    dynamo = gpu_bench.dynamo_counters()
+    torch._dynamo.reset()
+    assert dynamo["frames"] == {"total": 4, "ok": 4} and dynamo["stats"]["unique_graphs"] == 4
+    [(reason, count)] = dynamo["graph_break"].items()
+    assert count == 2 and reason == "Call to `torch._dynamo.graph_break()`"
+    assert gpu_bench.compiled_what({"dynamo": dynamo}) == "; compiled: 4 frame compilations, 4 graphs, 2 graph breaks"
+    assert gpu_bench.compiled_what({}) == ""
+
+
 def _run(label, side, mode, seq, ckpt, tokens_per_second, mfu=None, peak_gb=5.0, estimate_gb=None, variant=""):
     return {"label": label, "side": side, "mode": mode, "seq": seq, "gradient_checkpointing": ckpt,
             "tokens_per_second": tokens_per_second, "mfu": mfu, "peak_gb": peak_gb,
