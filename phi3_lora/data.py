@@ -317,19 +317,29 @@ class Collator:
 
     Every batch carries ``supervised_positions`` (see there), found here on the CPU so that the loss
     needs no device sync to find them. Packed rows carry ``position_ids`` restarting at 0 for each
-    example and no attention mask, so
-    transformers gives each example its own causal block (with ``use_cache=False``); the first
-    label of every example is ignored, so no example learns from the one before it. Unpacked
-    batches carry an attention mask instead. An empty item list gives one all-ignored row.
+    example and no attention mask, so transformers gives each example its own causal block (with
+    ``use_cache=False``); the first label of every example is ignored, so no example learns from the
+    one before it. Unpacked batches carry an attention mask instead. An empty item list gives one
+    all-ignored row.
+
+    ``varlen`` (packing under flash-attention): the micro-batch's packed rows are laid end to end as
+    one row, with no padding, and the batch carries each example's bounds as flash-attention's
+    ``cu_seq_lens_q/k`` and ``max_length_q/k``. transformers runs flash-attention's variable-length
+    kernel only on a single row (with several, examples would attend to the ones before them in their
+    row), and with the bounds given it need not find them from ``position_ids`` (a device sync in
+    every layer). sdpa keeps the rows: one long row would cost it attention over all their tokens.
     """
 
-    def __init__(self, pad_token_id: int, packed: bool = False):
+    def __init__(self, pad_token_id: int, packed: bool = False, varlen: bool = False):
         self.pad_token_id = pad_token_id
         self.packed = packed
+        self.varlen = varlen and packed
 
-    def __call__(self, items: list[list[dict]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[list[dict]]) -> dict:
         if not items:
             items = [[{"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX], "example_id": -1}]]
+        if self.varlen:
+            items = [[e for examples in items for e in examples]]
         rows = [self._row(examples) for examples in items]
         longest = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), longest), self.pad_token_id)
@@ -350,6 +360,10 @@ class Collator:
             batch["position_ids"] = positions
         else:
             batch["attention_mask"] = mask
+        if self.varlen:
+            lengths = [len(e["input_ids"]) for e in items[0]]
+            bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
         return batch
 
     @staticmethod

@@ -135,6 +135,12 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``, its numbers as they are. The copies do not wait for the GPU: CUDA stages
+    pageable memory at once, so the CPU goes on queueing the step's work while the GPU runs the last one."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @dataclass
 class Progress:
     """Where the run is: optimizer steps done, position in the data, tokens seen."""
@@ -193,7 +199,9 @@ class Trainer:
         self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing, long_threshold)
         self.eval_batches = None if self.eval_data is None else data_lib.eval_plan(
             self.eval_data, t.per_device_eval_batch_size, long_threshold, acc.num_processes, acc.process_index)
-        self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing)
+        attention = acc.unwrap_model(model).config._attn_implementation
+        self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing,
+                                         varlen=attention.startswith("flash_attention"))
         self.eval_collate = data_lib.Collator(self.tokenizer.pad_token_id)
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_items), t.per_device_batch_size,
                                                         t.gradient_accumulation_steps, acc.num_processes,
@@ -363,7 +371,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
         for batch in batches:
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = to_device(batch, acc.device)
             with acc.accumulate(self.model), acc.autocast():  # autocast also covers a chunked loss's lm_head
                 loss = token_loss_sum(self.model, batch, self.loss_chunk_size)
                 acc.backward(loss * scale)  # under DeepSpeed this also steps the optimizer on the last one
@@ -410,7 +418,7 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
         for idx in self.eval_batches:
             batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = to_device(batch, acc.device)
             with acc.autocast():
                 totals[0] += token_loss_sum(self.model, batch, self.loss_chunk_size).double()
             totals[1] += supervised_tokens(batch)

@@ -24,6 +24,9 @@ from .config import ConfigError
 from .data import IGNORE_INDEX, supervised_positions
 
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that makes lm_head see zero positions
+# What of a collated batch the model reads; the flash-attention bounds come with packing under flash-attention
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> torch.Tensor:
@@ -32,13 +35,13 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
     Args:
         model: the causal LM, as prepared by accelerate (DDP, DeepSpeed engine) or bare.
         batch: ``input_ids``, ``labels`` (``IGNORE_INDEX`` where unsupervised) and ``attention_mask``
-            or ``position_ids`` (packed rows); the chunked loss also takes the collator's
+            or ``position_ids`` (packed rows, with flash-attention's bounds under ``varlen``); the chunked loss also takes the collator's
             ``supervised_positions`` (else it finds them itself, a device sync on a GPU).
         chunk_size: 0 = logits for all positions at once; N = chunked, see the module docstring.
     Returns:
         A 0-dim fp32 tensor.
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if not chunk_size:
         logits = model(**inputs, use_cache=False).logits
         targets = batch["labels"][:, 1:].reshape(-1)

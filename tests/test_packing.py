@@ -12,7 +12,7 @@ from conftest import in_process_trainer
 from phi3_lora.config import ConfigError, load_config
 from phi3_lora.data import IGNORE_INDEX, Collator, TrainItems, build_datasets, use_chat_template
 from phi3_lora.lora import attach_lora
-from phi3_lora.loss import token_loss_sum
+from phi3_lora.loss import MODEL_INPUTS, token_loss_sum
 from phi3_lora.model import load_model, load_tokenizer
 
 
@@ -33,7 +33,7 @@ def setup(*overrides):
 def per_example_losses(model, batch, rows):
     """Token cross-entropy sums per example id. ``rows`` lists the example ids of each row, in order;
     in a packed row an example starts where position_ids return to 0."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = model(**inputs, use_cache=False).logits.float()
     token_losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
                                    ignore_index=IGNORE_INDEX, reduction="none")
@@ -65,6 +65,73 @@ def test_packed_and_unpacked_give_the_same_per_example_losses_and_gradients():
     for name, packed_grad in grads[0].items():
         # relative to the tensor's scale: the losses are sums over ~4000 tokens, so the gradients are large
         error = float((packed_grad - grads[1][name]).abs().max() / grads[1][name].abs().max())
+        assert error < 1e-5, f"{name}: relative difference {error:.2e}"
+
+
+def _attend(q, k, v, scale, causal):  # one sequence: [length, heads, dim]
+    out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), is_causal=causal, scale=scale)
+    return out.transpose(0, 1)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    deterministic=False):
+    """A CPU stand-in for flash-attn's kernel (CUDA only), with its signature: each row one sequence."""
+    return torch.stack([_attend(q[b], k[b], v[b], softmax_scale, causal) for b in range(q.size(0))])
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False):
+    """A CPU stand-in for flash-attn's variable-length kernel: the sequences lie end to end, split at cu_seqlens."""
+    assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)  # the real kernel takes ints
+    bounds = cu_seqlens_q.tolist()
+    assert max_seqlen_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    return torch.cat([_attend(q[a:b], k[a:b], v[a:b], softmax_scale, causal) for a, b in zip(bounds, bounds[1:])])
+
+
+def test_flash_attention_sees_each_packed_example_alone(monkeypatch):
+    """Packing under flash_attention_2 (the GPU recipes' kernel), with flash-attn's CUDA kernels replaced by
+    the CPU stand-ins above and transformers' own flash-attention path around them: the collator's one row
+    with each example's bounds gives every example its unpacked loss and the same gradients, and no layer
+    has to find the bounds from position_ids (a device sync on a GPU). Packed rows as sdpa takes them
+    would let examples attend to the ones before them in their row: transformers runs the variable-length
+    kernel on single rows only."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    monkeypatch.setattr(flash_utils, "_lazy_imports", lambda *args, **kwargs: (
+        flash_attn_func, flash_attn_varlen_func, None, flash_utils._pad_input, flash_utils._unpad_input))
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", None)
+    found_bounds = []
+    monkeypatch.setattr(flash_utils, "prepare_fa_kwargs_from_position_ids", lambda *args: found_bounds.append(args))
+    cfg, tokenizer, train, model = setup()
+    items = TrainItems(train, max_seq_len=400, packing=True, long_threshold=None)
+    rows = items.rows[:3]
+    unpacked_batch = Collator(tokenizer.pad_token_id)([[train.dataset[i]] for row in rows for i in row])
+    one_row = [[i for row in rows for i in row]]
+    varlen_batch = Collator(tokenizer.pad_token_id, packed=True, varlen=True)([items[r] for r in range(3)])
+    lengths = [len(train.dataset[i]["input_ids"]) for i in one_row[0]]
+    assert varlen_batch["input_ids"].shape == (1, sum(lengths))  # no padding
+    assert varlen_batch["cu_seq_lens_q"].tolist() == [sum(lengths[:k]) for k in range(len(lengths) + 1)]
+    rows_batch = Collator(tokenizer.pad_token_id, packed=True)([items[r] for r in range(3)])
+
+    with torch.no_grad():
+        unpacked = per_example_losses(model, unpacked_batch, [[i] for i in one_row[0]])
+        model.config._attn_implementation_internal = "flash_attention_2"  # set_attn_implementation wants flash-attn
+        varlen = per_example_losses(model, varlen_batch, one_row)
+        leaky = per_example_losses(model, rows_batch, rows)
+    assert varlen.keys() == unpacked.keys() and len(varlen) >= 4
+    for i in varlen:
+        torch.testing.assert_close(varlen[i], unpacked[i], rtol=1e-5, atol=1e-5, msg=f"example {i}")
+    assert max(abs(float(leaky[i] - unpacked[i])) for i in leaky) > 1e-2
+    assert not found_bounds
+
+    grads = []
+    for attention, batch in (("flash_attention_2", varlen_batch), ("sdpa", unpacked_batch)):
+        model.config._attn_implementation_internal = attention
+        model.zero_grad()
+        token_loss_sum(model, batch, chunk_size=64).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, varlen_grad in grads[0].items():
+        error = float((varlen_grad - grads[1][name]).abs().max() / grads[1][name].abs().max())
         assert error < 1e-5, f"{name}: relative difference {error:.2e}"
 
 
