@@ -32,7 +32,7 @@ from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, TrainingConfig, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
-from .lora import (attach_lora, load_adapter_dir, parameter_counts, save_adapter, skip_adapter_input_casts,
+from .lora import (adapters_for_autocast, attach_lora, load_adapter_dir, parameter_counts, save_adapter,
                    write_adapter)
 from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_flops, peak_memory_gb,
                       write_summary)
@@ -229,7 +229,7 @@ class Trainer:
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=cfg.training.seed)
         if acc.native_amp and acc.mixed_precision in ("bf16", "fp16"):  # every forward of the loop is autocast
-            skip_adapter_input_casts(model)
+            adapters_for_autocast(model)
         if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
             load_adapter_dir(model, self.resume_dir / "adapter")
         if cfg.training.gradient_checkpointing:

@@ -58,6 +58,24 @@ def attach_lora(model, cfg: LoraConfig, seed: int):
         return get_peft_model(model, peft_config(cfg))
 
 
+def adapters_for_autocast(model) -> None:
+    """Ready the adapters for forwards under bf16/fp16 autocast (the loop's, with a 16-bit base on a GPU).
+
+    peft builds its adapters in float32 and casts their input (a round trip here: see
+    ``skip_adapter_input_casts``). loralib builds its layers in the base's dtype: its adapters are
+    moved to float32 here, so that the optimizer updates float32 weights (a 16-bit weight drops
+    updates below its precision; fp16's loss scaler refuses 16-bit gradients) while autocast runs
+    their matmuls in 16 bits.
+    """
+    from .loralib_backend import is_loralib_model
+
+    if not is_loralib_model(model):
+        return skip_adapter_input_casts(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 def skip_adapter_input_casts(model) -> None:
     """Stop peft casting each adapter's input to float32 (its adapters' dtype).
 

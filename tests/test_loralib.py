@@ -6,7 +6,7 @@ import loralib
 import pytest
 import torch
 
-from conftest import train
+from conftest import FAST, in_process_trainer, train
 from phi3_lora.checkpoint import CheckpointError, load_adapter_state
 from phi3_lora.checkpoint import adapter_state_dict
 from phi3_lora.config import ConfigError, load_config
@@ -158,6 +158,27 @@ def test_exported_peft_adapter_matches_random_adapters(tmp_path, extra):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     save_adapter(model, adapter_state_dict(model), tmp_path / "adapter")
     assert_export_matches(model, cfg, tokenizer, tmp_path / "adapter")
+
+
+def test_adapters_train_in_float32_over_a_bf16_base_under_autocast(tmp_path):
+    """bf16 mixed precision as on a GPU (accelerate's autocast, here on the CPU): loralib builds its layers in
+    the base's dtype, but the adapters the optimizer updates are float32, as peft's are (a bf16 weight drops
+    updates under its precision; fp16's loss scaler refuses fp16 gradients); the base stays bf16."""
+    cfg = load_config(None, [*FAST, *MHA, f"output_dir={tmp_path}", "data.eval_size=0", "model.dtype=bfloat16",
+                             "training.mixed_precision=bf16", "training.warmup_steps=0"])
+    trainer = in_process_trainer(cfg)
+    assert trainer.accelerator.native_amp
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in trainer.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    loss_sum, n_tokens, _, _ = trainer.train_step(next(trainer._batches_of_epoch()))
+    assert torch.isfinite(torch.tensor(loss_sum)) and n_tokens > 0
+    moved = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
+    # every factor with a gradient at the first step moved: the one beside the factor loralib starts at 0 (B in
+    # the linear layers, A in the embedding)
+    assert moved == [n for n in trainable if ("lora_B" in n) != ("embed_tokens" in n)]
+    assert all(p.dtype == torch.float32 for p in trainable.values())
 
 
 def test_config_rules():
