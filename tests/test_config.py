@@ -129,6 +129,9 @@ def test_every_recipe_validates(path):
 def test_every_accelerate_config_is_valid(path):
     from accelerate.commands.config.config_args import load_config_from_file
     launch = load_config_from_file(str(path))
+    # accelerate launch sets CUDA_VISIBLE_DEVICES to gpu_ids unless it is "all": a fixed id would override the
+    # GPUs a scheduler (SLURM) or the user gave the job
+    assert launch.gpu_ids in (None, "all"), f"{path.name}: gpu_ids {launch.gpu_ids!r}"
     ds_file = (launch.deepspeed_config or {}).get("deepspeed_config_file")
     if ds_file:
         assert (ROOT / ds_file).is_file(), f"{path.name} points at missing {ds_file}"
