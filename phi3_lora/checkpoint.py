@@ -323,8 +323,8 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     plain = {"python": [version, list(internal), gauss],
              "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if torch.cuda.is_available():  # this process's GPU only: a resumed job may see a different number of them
+        tensors["cuda"] = torch.cuda.get_rng_state()
     return plain, tensors
 
 
@@ -334,6 +334,5 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])

@@ -422,3 +422,21 @@ def test_a_marker_of_the_wrong_shape_is_a_damaged_marker(tmp_path, marker):
     (path / ckpt.MARKER).write_text(marker)
     with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.MARKER}: damaged marker file$"):
         ckpt.verify_checkpoint(path)
+
+
+def test_rng_state_holds_this_process_gpu_only(monkeypatch):
+    """A resumed job may see a different number of GPUs (another node, another CUDA_VISIBLE_DEVICES): each
+    process saves and restores the generator of its own GPU, never a list over all visible ones. CUDA is
+    stood in for here (this machine has none); the torch, python and numpy states are the real ones."""
+    saved, restored = torch.tensor([7, 7, 7], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("all GPUs' states saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("all GPUs' states restored"))
+    plain, tensors = ckpt.rng_state()
+    assert set(tensors) == {"torch", "cuda"} and torch.equal(tensors["cuda"], saved)
+    expected = (random.random(), torch.rand(3))
+    ckpt.set_rng_state(plain, tensors)
+    assert restored == [saved]
+    assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
