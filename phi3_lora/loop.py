@@ -380,7 +380,8 @@ class Trainer:
                     clock.lap("forward_backward")
                     grad_norm = self._clip_gradients()
                     self.optimizer.step()
-                    self.scheduler.step()
+                    if not self.optimizer.step_was_skipped:  # fp16's loss scaler skips steps with inf gradients
+                        self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     clock.lap("optimizer")
         loss_sum = float(acc.reduce(loss_sum, "sum"))  # the step's one wait for the device

@@ -339,3 +339,30 @@ def test_adapter_input_casts_stay_without_autocast_and_for_dora(tmp_path, settin
     layers = [m for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert len(layers) == 8 and all(m.cast_input_dtype_enabled for m in layers)
     assert bool(trainer.accelerator.native_amp) == bool(settings)
+
+
+def test_a_step_the_fp16_loss_scaler_skips_does_not_advance_the_schedule(tmp_path):
+    """fp16 mixed precision (a GPU's, with torch's real GradScaler on the CPU, where accelerate makes none): a
+    step whose gradients overflow (here an inf put into one adapter's gradient, as an fp16 overflow leaves) is
+    skipped by the scaler, and the learning-rate schedule does not advance either, or every skipped step would
+    cut the warmup and the decay short (fp16 runs skip their first few steps while the scale settles)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer = fresh_trainer(tmp_path, "training.warmup_steps=0")  # cosine from step 0: every step moves the rate
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    trainer.accelerator.scaler = scaler
+    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, device_placement=False, scaler=scaler)
+    trainer.accelerator._optimizers = [trainer.optimizer]
+    adapters = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in adapters.items()}
+    batches, lr = trainer._batches_of_epoch(), trainer.scheduler.get_last_lr()[0]
+    overflow = next(iter(adapters.values())).register_hook(lambda grad: grad * float("inf"))
+    trainer.train_step(next(batches))
+    overflow.remove()
+    assert trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0 ** 15
+    assert trainer.scheduler.last_epoch == 0 and trainer.scheduler.get_last_lr()[0] == lr
+    assert all(torch.equal(p, before[n]) for n, p in adapters.items())
+    trainer.train_step(next(batches))
+    assert not trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0 ** 15
+    assert trainer.scheduler.last_epoch == 1 and trainer.scheduler.get_last_lr()[0] < lr
+    assert not all(torch.equal(p, before[n]) for n, p in adapters.items())
