@@ -10,7 +10,8 @@ tokenizer and a generation config whose eos ids stop on <|end|>, <|endoftext|> a
 A QLoRA adapter is merged onto the unquantized base (merging into 4-bit weights would round
 the update away). Before saving, the merged model's logits are compared with base + adapter on
 a few prompts and the largest difference is printed; --max_logit_diff makes it a hard check.
-One process, on the CPU or the first GPU.
+One process: --device auto (the default) merges on the first GPU when the model fits in its free
+memory, else on the CPU; --device cpu or cuda[:N] chooses.
 """
 
 import re
@@ -44,8 +45,33 @@ def parse_args(argv):
                         help="dtype of the merged weights (the merge is done in this dtype)")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB")
     parser.add_argument("--max_logit_diff", type=float, help="fail if merged and base+adapter logits differ more")
+    parser.add_argument("--device", default="auto",
+                        help="where to merge: cpu, cuda, cuda:N, or auto (the first GPU when the model fits in its "
+                             "free memory, else the CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     return parser.parse_args(argv)
+
+
+def check_device(choice: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", choice):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {choice!r}")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {choice}: no CUDA GPU here (use cpu or auto)")
+
+
+def merge_device(choice: str, model) -> str:
+    """``--device`` resolved: auto takes the first GPU when the model (and as much again for the merge's
+    temporaries, at most a fifth of it) fits in its free memory."""
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "cpu"
+    needed = 1.2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    if needed > free:
+        print(f"the model needs {needed / 2**30:.1f} GiB, the GPU has {free / 2**30:.1f} GiB free: merging on the CPU")
+        return "cpu"
+    return "cuda"
 
 
 @torch.no_grad()
@@ -65,14 +91,14 @@ def main(argv=None):
         raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B|\d+", args.max_shard_size.strip(), flags=re.IGNORECASE):
         raise ConfigError(f"--max_shard_size: expected a size such as 5GB or 500MB, got {args.max_shard_size!r}")
+    check_device(args.device)
     cfg = run_config(args.config, [*args.overrides, f"model.dtype={args.dtype}"], adapter=args.adapter,
                      model=args.model)
     if unquantized(cfg):
         print("QLoRA adapter: merging onto the unquantized base (model.load_in_4bit/8bit switched off)")
     tokenizer = load_tokenizer_for(cfg)
     model = load_for_inference(cfg, tokenizer, args.adapter)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model.to(merge_device(args.device, model))
     inputs = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, CHECK_PROMPTS).items()}
     tuned = logits_on(model, inputs)
     merged = model.merge_and_unload()

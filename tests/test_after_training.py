@@ -152,6 +152,7 @@ def test_the_base_alone_is_evaluated_with_the_chunked_loss(run, tmp_path):
     (EVALUATE, ["--compare_base", "lora.init=pissa"], "--compare_base: with lora.init=pissa the adapter's base is"),
     (MERGE, ["--out", "FILE"], "is not a directory"),
     (MERGE, ["--out", "NEW", "--max_shard_size", "abc"], "--max_shard_size: expected a size such as 5GB"),
+    (MERGE, ["--out", "NEW", "--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (CHAT, ["--max_new_tokens", "0"], "--max_new_tokens: must be at least 1, got 0"),
 ])
 def test_bad_options_are_one_line_before_anything_loads(run, tmp_path, script, arguments, message):
@@ -230,7 +231,8 @@ def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
     cfg, tokenizer, model = loaded
     out = tmp_path / "merged"
     proc = run_script([sys.executable, MERGE, "--adapter", str(run / "adapter"), "--out", str(out),
-                       "--dtype", "float32", "--max_shard_size", "200KB", "--max_logit_diff", "1e-4"], env=ONE_THREAD)
+                       "--dtype", "float32", "--max_shard_size", "200KB", "--max_logit_diff", "1e-4", "--device", "cpu"],
+                      env=ONE_THREAD)
     printed = float(re.search(r"largest \|logit\| difference.*: (\S+) \(float32\)", proc.stdout).group(1))
     assert printed < 1e-4
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
