@@ -363,7 +363,9 @@ class Collator:
         if self.varlen:
             lengths = [len(e["input_ids"]) for e in items[0]]
             bounds = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths))
+            longest_example = max(lengths)
+            batch.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest_example,
+                         max_length_k=longest_example)
         return batch
 
     @staticmethod

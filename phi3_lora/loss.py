@@ -35,8 +35,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
     Args:
         model: the causal LM, as prepared by accelerate (DDP, DeepSpeed engine) or bare.
         batch: ``input_ids``, ``labels`` (``IGNORE_INDEX`` where unsupervised) and ``attention_mask``
-            or ``position_ids`` (packed rows, with flash-attention's bounds under ``varlen``); the chunked loss also takes the collator's
-            ``supervised_positions`` (else it finds them itself, a device sync on a GPU).
+            or ``position_ids`` (packed rows, with flash-attention's bounds under ``varlen``); the chunked loss
+            also takes the collator's ``supervised_positions`` (else it finds them itself, a device sync on a GPU).
         chunk_size: 0 = logits for all positions at once; N = chunked, see the module docstring.
     Returns:
         A 0-dim fp32 tensor.

@@ -3,7 +3,7 @@
 The base model is a hub id, a local directory, or ``tiny-random-phi3`` (built offline, see
 ``tiny.py``). It is loaded in the requested dtype (bfloat16 on GPUs that support it, float32 on
 the CPU), with the requested attention kernel (flash_attention_2 falls back to sdpa, with a
-message, when flash-attn is missing), ``use_cache=False`` for training, and, when asked,
+message, without flash-attn or an Ampere or newer GPU), ``use_cache=False`` for training, and, when asked,
 non-reentrant gradient checkpointing that works with adapters on a frozen base. With
 ``model.load_in_4bit``/``load_in_8bit`` the linear layers are quantized by bitsandbytes
 (see ``quant.py``); the tiny model is then saved to a temporary directory and loaded back
@@ -55,9 +55,14 @@ def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
 
 
 def resolve_attention(name: str) -> str:
-    if name != "flash_attention_2" or (importlib.util.find_spec("flash_attn") and torch.cuda.is_available()):
+    """``model.attn_implementation``, or sdpa where flash-attention 2 cannot run: it needs the flash-attn
+    package and an Ampere or newer GPU (compute capability 8.0; a T4 or V100 would fail in the first forward)."""
+    if name != "flash_attention_2":
         return name
-    logger.warning("flash_attention_2 needs the flash-attn package and a CUDA GPU; using sdpa instead")
+    if importlib.util.find_spec("flash_attn") and torch.cuda.is_available():
+        if torch.cuda.get_device_capability()[0] >= 8:
+            return name
+    logger.warning("flash_attention_2 needs the flash-attn package and an Ampere or newer GPU; using sdpa instead")
     return "sdpa"
 
 

@@ -231,8 +231,8 @@ def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
     cfg, tokenizer, model = loaded
     out = tmp_path / "merged"
     proc = run_script([sys.executable, MERGE, "--adapter", str(run / "adapter"), "--out", str(out),
-                       "--dtype", "float32", "--max_shard_size", "200KB", "--max_logit_diff", "1e-4", "--device", "cpu"],
-                      env=ONE_THREAD)
+                       "--dtype", "float32", "--max_shard_size", "200KB", "--max_logit_diff", "1e-4",
+                       "--device", "cpu"], env=ONE_THREAD)
     printed = float(re.search(r"largest \|logit\| difference.*: (\S+) \(float32\)", proc.stdout).group(1))
     assert printed < 1e-4
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()

@@ -144,3 +144,24 @@ def test_every_deepspeed_config_leaves_training_settings_to_the_recipe(path):
         assert ds[key] == "auto", f"{path.name}: {key} must be 'auto' (the training config owns it)"
     assert "optimizer" not in ds and "scheduler" not in ds, "the training loop owns the optimizer and schedule"
     assert ds["bf16"]["enabled"] == "auto"
+
+
+@pytest.mark.parametrize("has_package, capability, expected", [
+    (True, (9, 0), "flash_attention_2"), (True, (8, 0), "flash_attention_2"),
+    (True, (7, 5), "sdpa"), (False, (9, 0), "sdpa")])
+def test_flash_attention_falls_back_to_sdpa_where_it_cannot_run(monkeypatch, caplog, has_package, capability, expected):
+    """flash-attn needs its package and an Ampere or newer GPU (a T4 is 7.5); elsewhere sdpa, with a message.
+    The GPU and the package are stood in for (this machine has neither)."""
+    import importlib.util
+
+    import torch
+
+    from phi3_lora import model as model_lib
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        (object() if has_package else None) if name == "flash_attn" else real_find_spec(name, *args)))
+    assert model_lib.resolve_attention("flash_attention_2") == expected
+    assert ("Ampere or newer GPU; using sdpa instead" in caplog.text) == (expected == "sdpa")
+    assert model_lib.resolve_attention("sdpa") == "sdpa" and model_lib.resolve_attention("eager") == "eager"
