@@ -38,7 +38,7 @@ from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_fl
                       write_summary)
 from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
                     resolve_dtype)
-from .optim import build_optimizer
+from .optim import build_optimizer, page_loaded_state
 
 
 def make_accelerator(cfg: Config):
@@ -497,6 +497,7 @@ class Trainer:
             if (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")
             self.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt"))  # moved to the params
+            page_loaded_state(self.optimizer)
         self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"
         if not rng_json.is_file():

@@ -209,6 +209,50 @@ def test_bitsandbytes_optimizers_step(name):
     assert (model.weight - reference.weight).norm() < 0.1 * moved
 
 
+@pytest.mark.parametrize("name", ["paged_adamw_8bit", "paged_adamw_32bit"])
+def test_a_paged_optimizers_loaded_state_goes_back_into_its_paged_buffers(monkeypatch, name):
+    """Resuming loads the optimizer state as ordinary tensors (bitsandbytes would move them to the GPU whole):
+    page_loaded_state copies each parameter-sized state into the buffer bitsandbytes allocates, paged on a GPU.
+    Paging needs CUDA, so its allocation is stood in for (a marked buffer); the copy and the later steps are real:
+    the resumed optimizer steps exactly as the one that never stopped."""
+    needs_bitsandbytes()
+    from phi3_lora.optim import build_optimizer, page_loaded_state
+    t = load_config(None, [f"training.optimizer={name}", "training.learning_rate=1e-2"]).training
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(64, 128) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = torch.randn(32, 64), torch.randn(32, 128)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    running = build_optimizer([{"params": list(models[0].parameters())}], t)
+    for _ in range(3):
+        step(models[0], running)
+    models[1].load_state_dict(models[0].state_dict())
+    resumed = build_optimizer([{"params": list(models[1].parameters())}], t)
+    resumed.load_state_dict(running.state_dict())
+
+    paged = []  # the buffers bitsandbytes would allocate in paged memory
+
+    def paged_buffer(p, dtype=torch.float32):
+        paged.append(torch.full_like(p, 77, dtype=dtype))
+        return paged[-1]
+    monkeypatch.setattr(resumed, "get_state_buffer", paged_buffer)
+    page_loaded_state(resumed)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        sized = [k for k, v in resumed.state[q].items() if torch.is_tensor(v) and v.shape == q.shape]
+        assert sized and all(any(resumed.state[q][k] is b for b in paged) for k in sized)
+        for k in sized:
+            assert torch.equal(resumed.state[q][k], running.state[p][k]), k
+    for _ in range(2):
+        step(models[0], running)
+        step(models[1], resumed)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+
+
 def test_adamw_torch_is_fused_on_cuda_only(monkeypatch):
     from phi3_lora.optim import build_optimizer
     t = load_config(None, []).training
