@@ -224,7 +224,11 @@ class Trainer:
     def _build_model(self):
         """Base model, LoRA adapters (restored when resuming), gradient checkpointing."""
         cfg, acc = self.cfg, self.accelerator
-        base = load_model(cfg.model, self.tokenizer, seed=cfg.training.seed)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        # straight onto this process's GPU, unless ZeRO-3 partitions the weights as they load
+        device = acc.device if acc.device.type == "cuda" and not is_deepspeed_zero3_enabled() else None
+        base = load_model(cfg.model, self.tokenizer, seed=cfg.training.seed, device=device)
         if any(hasattr(p, "ds_id") for p in base.parameters()):
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=cfg.training.seed)

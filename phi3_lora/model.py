@@ -84,8 +84,12 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
+def load_model(cfg: ModelConfig, tokenizer, seed: int = 0, device: torch.device | str | None = None):
     """The base Phi3ForCausalLM (frozen later by the LoRA step), ready for training.
+
+    ``device``: load the checkpoint's weights straight onto it (else onto the CPU, and 4-bit/8-bit
+    weights onto the current GPU, as bitsandbytes places them). Eight processes on a node would
+    otherwise each hold the whole model in CPU memory first (Phi-3-medium: 28 GB each).
 
     Raises:
         ConfigError: the model cannot be found or loaded; the message names ``model.name_or_path``.
@@ -106,11 +110,11 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
         if quantization is not None:  # through the same from_pretrained path as a real checkpoint
             with tempfile.TemporaryDirectory(prefix="tiny-phi3-") as tmp:
                 model.save_pretrained(tmp)
-                model = _from_pretrained(tmp, None, dtype, attention, False, quantization)
+                model = _from_pretrained(tmp, None, dtype, attention, False, quantization, device)
             model.config._name_or_path = ""  # as the unquantized tiny model: no path that outlives the load
     else:
         model = _from_pretrained(cfg.name_or_path, cfg.revision, dtype, attention, cfg.trust_remote_code,
-                                 quantization)
+                                 quantization, device)
     if quantization is not None:
         model = prepare_kbit_model(model)
     model.config.use_cache = False
@@ -120,12 +124,13 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     return model
 
 
-def _from_pretrained(source: str, revision, dtype, attention: str, trust_remote_code: bool, quantization):
+def _from_pretrained(source: str, revision, dtype, attention: str, trust_remote_code: bool, quantization, device):
     from transformers import AutoModelForCausalLM
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=dtype, attn_implementation=attention,
-            trust_remote_code=trust_remote_code, quantization_config=quantization)
+            trust_remote_code=trust_remote_code, quantization_config=quantization,
+            device_map=None if device is None else {"": device})
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load '{source}': {str(err).splitlines()[0]}") from None
 

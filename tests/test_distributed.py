@@ -176,6 +176,21 @@ def test_zero3_adapter_loads_onto_base(single, tiny_model_dir, tmp_path):
         assert value.abs().sum() > 0, key  # every A and B trained and gathered whole, none left at zero
 
 
+def test_a_checkpoint_loads_straight_onto_the_processs_device(tiny_model_dir):
+    """What the loop does on a GPU (device = this process's GPU, unless ZeRO-3 partitions the load): from_pretrained
+    places every weight on it as it loads (device_map). Here the device is the CPU: the same weights as a load
+    without one (benchmarks/gpu_bench.sh loads this way onto its GPU)."""
+    from phi3_lora.config import load_config
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, [*COMMON, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3"])
+    tokenizer = load_tokenizer(cfg.model)
+    placed, plain = load_model(cfg.model, tokenizer, device="cpu"), load_model(cfg.model, tokenizer)
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}
+    assert placed.state_dict().keys() == plain.state_dict().keys()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(placed.state_dict()[name], value), name
+
+
 def test_two_machines_on_one_host_match_single(single, tmp_path):
     import socket
     import subprocess
