@@ -334,5 +334,7 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
+    if torch.cuda.is_available():  # checkpoints before 2026-12-05 hold cuda0, cuda1, ... (every visible GPU's)
+        cuda = tensors["cuda"] if "cuda" in tensors else tensors.get(f"cuda{torch.cuda.current_device()}")
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

@@ -72,9 +72,9 @@ class ModelConfig:
     dtype: str = _field("auto", "Weights dtype: auto = bfloat16 on GPUs that support it, else float32.",
                         choices=("auto", "bfloat16", "float16", "float32"))
     attn_implementation: str = _field("sdpa", "Attention kernel; flash_attention_2 falls back to sdpa "
-                                      "with a message without flash-attn or an Ampere or newer GPU; flex_attention (PyTorch's, "
-                                      "compiled on first use) skips the blocks a sliding window or packing masks "
-                                      "out, and trains on CUDA GPUs only.",
+                                      "with a message without flash-attn or an Ampere or newer GPU; "
+                                      "flex_attention (PyTorch's, compiled on first use) skips the blocks a "
+                                      "sliding window or packing masks out, and trains on CUDA GPUs only.",
                                       choices=("flash_attention_2", "sdpa", "eager", "flex_attention"))
     trust_remote_code: bool = _field(False, "Run model code from the hub (Phi-3 is native to "
                                      "transformers; leave this off).")

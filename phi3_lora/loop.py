@@ -38,7 +38,7 @@ from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_fl
                       write_summary)
 from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
                     resolve_dtype)
-from .optim import build_optimizer, page_loaded_state
+from .optim import build_optimizer, load_optimizer_state
 
 
 def make_accelerator(cfg: Config):
@@ -110,6 +110,14 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
             raise ConfigError(f"ZeRO-Offload steps the optimizer with DeepSpeedCPUAdam, which keeps only the learning "
                               f"rate and weight decay: training.optimizer must be adamw_torch (got {t.optimizer}) "
                               f"and the AdamW betas and epsilon their defaults{changed}")
+
+
+def base_model_device(accelerator) -> torch.device | None:
+    """Where the base model's weights load: straight onto this process's GPU, unless ZeRO-3 partitions
+    them as they load; None (the CPU; ``prepare`` moves the model) elsewhere."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return accelerator.device if accelerator.device.type == "cuda" and not is_deepspeed_zero3_enabled() else None
 
 
 def loss_chunk_size(cfg: Config, accelerator) -> int:
@@ -224,11 +232,7 @@ class Trainer:
     def _build_model(self):
         """Base model, LoRA adapters (restored when resuming), gradient checkpointing."""
         cfg, acc = self.cfg, self.accelerator
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        # straight onto this process's GPU, unless ZeRO-3 partitions the weights as they load
-        device = acc.device if acc.device.type == "cuda" and not is_deepspeed_zero3_enabled() else None
-        base = load_model(cfg.model, self.tokenizer, seed=cfg.training.seed, device=device)
+        base = load_model(cfg.model, self.tokenizer, seed=cfg.training.seed, device=base_model_device(acc))
         if any(hasattr(p, "ds_id") for p in base.parameters()):
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=cfg.training.seed)
@@ -360,7 +364,8 @@ class Trainer:
 
         Returns the step's global (token loss sum, supervised tokens, all tokens) and the grad norm (a
         0-dim tensor, read only when logged). On one GPU the step waits for the device once, at its end
-        (the loss sum): the supervised positions come from the collator and the step's clock uses CUDA
+        (the loss sum; with packing also once a micro-batch, where transformers looks for the examples'
+        bounds in ``position_ids``): the supervised positions come from the collator and the step's clock uses CUDA
         events, so the CPU keeps queueing work while the GPU runs the forward, backward and optimizer.
         """
         acc = self.accelerator
@@ -500,8 +505,7 @@ class Trainer:
         else:
             if (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")
-            self.optimizer.load_state_dict(ckpt.torch_load(path / "optimizer.pt"))  # moved to the params
-            page_loaded_state(self.optimizer)
+            load_optimizer_state(self.optimizer, ckpt.torch_load(path / "optimizer.pt"))  # moved to the params
         self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"
         if not rng_json.is_file():

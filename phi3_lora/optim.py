@@ -8,7 +8,7 @@
 * ``paged_adamw_8bit`` / ``paged_adamw_32bit``: the same states in CUDA unified memory, which
   the driver pages out to CPU memory when the GPU runs short instead of failing with
   out-of-memory (on the CPU bitsandbytes falls back to ordinary buffers, and says so). Loading
-  a checkpoint's state would put it in ordinary GPU memory: ``page_loaded_state`` moves it back.
+  a checkpoint's state would put it in ordinary GPU memory: ``load_optimizer_state`` pages it.
 
 All take the parameter groups of ``loop.optimizer_groups`` and the AdamW settings of the
 ``training`` section.
@@ -40,22 +40,24 @@ def build_optimizer(groups: list[dict], cfg: TrainingConfig) -> torch.optim.Opti
     return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(groups, **kwargs)
 
 
-def page_loaded_state(optimizer) -> None:
-    """After ``load_state_dict``: a paged optimizer's per-parameter states back in paged buffers.
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``; a paged optimizer's per-parameter states go into paged buffers.
 
-    bitsandbytes pages the states it allocates itself, but a loaded state is an ordinary tensor that
-    its first step moves to the GPU, so a resumed run would hold every state in GPU memory, what paging
-    was chosen to avoid. Each state the size of its parameter is copied into the buffer bitsandbytes
-    would have allocated (paged for large parameters on a GPU, ordinary otherwise). No-op for other
-    optimizers (also DeepSpeed's, which keeps its own state).
+    bitsandbytes pages only the buffers it allocates itself: its ``load_state_dict`` would put the
+    loaded states in ordinary GPU memory, so a resumed run would hold them all there, what paging was
+    chosen to avoid. For a paged optimizer the states are loaded where they are (the CPU), and each
+    state the size of its parameter is copied into the buffer bitsandbytes would have allocated
+    (paged for large parameters on a GPU, ordinary otherwise); the rest (quantization maps, scales)
+    goes to the GPU at its first step, as bitsandbytes does. ``optimizer`` may be accelerate's wrapper.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    inner = getattr(optimizer, "optimizer", optimizer)
     if not getattr(inner, "is_paged", False):
-        return
+        return optimizer.load_state_dict(state)
+    inner.load_state_dict(state, move_to_device=False)
     for group in inner.param_groups:
         for p in group["params"]:
-            state = inner.state.get(p, {})
-            for key, value in state.items():
+            param_state = inner.state.get(p, {})
+            for key, value in param_state.items():
                 if torch.is_tensor(value) and value.shape == p.shape and not getattr(value, "is_paged", False):
-                    state[key] = inner.get_state_buffer(p, dtype=value.dtype)
-                    state[key].copy_(value)
+                    param_state[key] = inner.get_state_buffer(p, dtype=value.dtype)
+                    param_state[key].copy_(value)

@@ -57,6 +57,8 @@ def check_device(choice: str) -> None:
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {choice!r}")
     if choice.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {choice}: no CUDA GPU here (use cpu or auto)")
+    if choice.startswith("cuda:") and int(choice[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {choice}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
 
 
 def merge_device(choice: str, model) -> str:

@@ -440,3 +440,8 @@ def test_rng_state_holds_this_process_gpu_only(monkeypatch):
     ckpt.set_rng_state(plain, tensors)
     assert restored == [saved]
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+    # a checkpoint written before (every visible GPU's state, cuda0, cuda1, ...): this process's GPU's state
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    older = {"torch": tensors["torch"], "cuda0": torch.zeros(3, dtype=torch.uint8), "cuda1": saved}
+    ckpt.set_rng_state(plain, older)
+    assert restored == [saved, saved]

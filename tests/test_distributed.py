@@ -191,6 +191,29 @@ def test_a_checkpoint_loads_straight_onto_the_processs_device(tiny_model_dir):
         assert torch.equal(placed.state_dict()[name], value), name
 
 
+def test_the_base_loads_onto_the_processs_gpu_unless_zero3_partitions_it(monkeypatch, tmp_path):
+    """The loop's choice of device for load_model (the GPU is stood in for: this machine has none)."""
+    from types import SimpleNamespace
+
+    import transformers.integrations
+    from conftest import FAST, in_process_trainer
+    from phi3_lora import loop
+    from phi3_lora.config import load_config
+    gpu = SimpleNamespace(device=torch.device("cuda", 1))
+    for zero3, expected in ((False, torch.device("cuda", 1)), (True, None)):
+        monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: zero3)
+        assert loop.base_model_device(gpu) == expected
+    monkeypatch.undo()
+    asked, load = [], loop.load_model
+    monkeypatch.setattr(loop, "load_model",
+                        lambda *args, **kwargs: asked.append(kwargs["device"]) or load(*args, **kwargs))
+    in_process_trainer(load_config(None, [*FAST, f"output_dir={tmp_path}", "training.max_steps=1"]))
+    assert asked == [None]  # the CPU
+    monkeypatch.setattr(loop, "base_model_device", lambda accelerator: torch.device("cpu"))
+    in_process_trainer(load_config(None, [*FAST, f"output_dir={tmp_path}", "training.max_steps=1"]))
+    assert asked == [None, torch.device("cpu")]
+
+
 def test_two_machines_on_one_host_match_single(single, tmp_path):
     import socket
     import subprocess

@@ -212,11 +212,11 @@ def test_bitsandbytes_optimizers_step(name):
 @pytest.mark.parametrize("name", ["paged_adamw_8bit", "paged_adamw_32bit"])
 def test_a_paged_optimizers_loaded_state_goes_back_into_its_paged_buffers(monkeypatch, name):
     """Resuming loads the optimizer state as ordinary tensors (bitsandbytes would move them to the GPU whole):
-    page_loaded_state copies each parameter-sized state into the buffer bitsandbytes allocates, paged on a GPU.
-    Paging needs CUDA, so its allocation is stood in for (a marked buffer); the copy and the later steps are real:
+    load_optimizer_state copies each parameter-sized state into the buffer bitsandbytes allocates, paged on a GPU.
+    Paging needs CUDA, so its allocation is stood in for (a recorded buffer); the copy and the later steps are real:
     the resumed optimizer steps exactly as the one that never stopped."""
     needs_bitsandbytes()
-    from phi3_lora.optim import build_optimizer, page_loaded_state
+    from phi3_lora.optim import build_optimizer, load_optimizer_state
     t = load_config(None, [f"training.optimizer={name}", "training.learning_rate=1e-2"]).training
     torch.manual_seed(0)
     models = [torch.nn.Linear(64, 128) for _ in range(2)]
@@ -232,7 +232,6 @@ def test_a_paged_optimizers_loaded_state_goes_back_into_its_paged_buffers(monkey
         step(models[0], running)
     models[1].load_state_dict(models[0].state_dict())
     resumed = build_optimizer([{"params": list(models[1].parameters())}], t)
-    resumed.load_state_dict(running.state_dict())
 
     paged = []  # the buffers bitsandbytes would allocate in paged memory
 
@@ -240,7 +239,7 @@ def test_a_paged_optimizers_loaded_state_goes_back_into_its_paged_buffers(monkey
         paged.append(torch.full_like(p, 77, dtype=dtype))
         return paged[-1]
     monkeypatch.setattr(resumed, "get_state_buffer", paged_buffer)
-    page_loaded_state(resumed)
+    load_optimizer_state(resumed, running.state_dict())
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         sized = [k for k, v in resumed.state[q].items() if torch.is_tensor(v) and v.shape == q.shape]
         assert sized and all(any(resumed.state[q][k] is b for b in paged) for k in sized)
