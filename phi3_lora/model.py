@@ -57,11 +57,9 @@ def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
 def resolve_attention(name: str) -> str:
     """``model.attn_implementation``, or sdpa where flash-attention 2 cannot run: it needs the flash-attn
     package and an Ampere or newer GPU (compute capability 8.0; a T4 or V100 would fail in the first forward)."""
-    if name != "flash_attention_2":
+    if name != "flash_attention_2" or (importlib.util.find_spec("flash_attn") and torch.cuda.is_available()
+                                       and torch.cuda.get_device_capability()[0] >= 8):
         return name
-    if importlib.util.find_spec("flash_attn") and torch.cuda.is_available():
-        if torch.cuda.get_device_capability()[0] >= 8:
-            return name
     logger.warning("flash_attention_2 needs the flash-attn package and an Ampere or newer GPU; using sdpa instead")
     return "sdpa"
 

@@ -62,8 +62,8 @@ def check_device(choice: str) -> None:
 
 
 def merge_device(choice: str, model) -> str:
-    """``--device`` resolved: auto takes the first GPU when the model (and as much again for the merge's
-    temporaries, at most a fifth of it) fits in its free memory."""
+    """``--device`` resolved: auto takes the first GPU when the model, plus a fifth of it for the merge's
+    temporaries, fits in its free memory."""
     if choice != "auto":
         return choice
     if not torch.cuda.is_available():
