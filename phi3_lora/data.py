@@ -47,12 +47,23 @@ def use_chat_template(tokenizer, which: str) -> None:
 
 
 class ConversationEncoder:
-    """Turns one conversation into ``input_ids`` and ``labels`` (assistant turns + their end token)."""
+    """Turns one conversation into ``input_ids`` and ``labels`` (assistant turns + their end token).
 
-    def __init__(self, tokenizer, train_on_prompt: bool = False):
+    ``max_len``: assistant turns that start at or past it are not marked (truncation cuts them), so a
+    long conversation is not re-tokenized turn after turn beyond what is kept. A message whose text holds
+    a control token's string (``<|end|>``, ``<|assistant|>``...) is a ``DataError``: the tokenizer would
+    read it as that token, not as text, and the label mask would follow it.
+    """
+
+    def __init__(self, tokenizer, train_on_prompt: bool = False, max_len: int | None = None):
+        import re
+
         self.tokenizer = tokenizer
         self.train_on_prompt = train_on_prompt
+        self.max_len = max_len
         self.end_id = end_of_turn_id(tokenizer)
+        controls = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+        self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -61,15 +72,22 @@ class ConversationEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, messages: list[dict], where: str) -> dict[str, list[int]]:
-        full = self._render(messages, generation_prompt=False)
-        for m in messages:
+    def _check_texts(self, messages: list[dict], full: str, where: str) -> None:
+        for i, m in enumerate(messages):
             if m["content"] and m["content"] not in full:
                 raise DataError(f"{where}: the chat template drops the {m['role']} message; "
                                 "set data.chat_template=phi3 to render it")
+            found = self.control_token.search(m["content"]) if self.control_token else None
+            if found:
+                raise DataError(f"{where}: message {i} ({m['role']}) contains '{found.group()}', which the tokenizer "
+                                "reads as a control token, not as text; remove it from the data")
+
+    def encode(self, messages: list[dict], where: str) -> dict[str, list[int]]:
+        full = self._render(messages, generation_prompt=False)
+        self._check_texts(messages, full, where)
         ids = self._ids(full)
-        if self.train_on_prompt:
-            return {"input_ids": ids, "labels": list(ids)}
+        if self.train_on_prompt:  # every token but the first, which nothing predicts
+            return {"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]}
         labels = [IGNORE_INDEX] * len(ids)
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -78,6 +96,8 @@ class ConversationEncoder:
             if ids[:len(prefix)] != prefix:
                 raise DataError(f"{where}: tokens of the conversation up to message {i} are not a prefix "
                                 "of the whole conversation's tokens; cannot mark the assistant turn")
+            if self.max_len is not None and len(prefix) >= self.max_len:
+                break  # this turn and the later ones lie past what truncation keeps
             try:
                 end = ids.index(self.end_id, len(prefix)) + 1
             except ValueError:
@@ -92,6 +112,7 @@ class TokenizedSplit:
     dataset: object
     truncated: int
     dropped: int
+    copies_of_training: int = 0  # evaluation examples left out: the same tokens as a training example
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -111,7 +132,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Data
     ``rows``: each conversation's row in ``source``, for errors (default: their order)."""
     import datasets
 
-    encoder = ConversationEncoder(tokenizer, cfg.train_on_prompt)
+    encoder = ConversationEncoder(tokenizer, cfg.train_on_prompt, max_len=cfg.max_seq_len)
     rows = rows if rows is not None else list(range(len(conversations)))
     table = datasets.Dataset.from_dict({"messages": conversations,
                                         "example_id": list(range(len(conversations)))})
@@ -174,7 +195,23 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
     evaluation = None
     if eval_conversations:
         evaluation = tokenize_conversations(eval_conversations, tokenizer, cfg, eval_source, rows=eval_rows)
+        evaluation = without_copies_of(train, evaluation, eval_source)
     return train, evaluation
+
+
+def without_copies_of(train: TokenizedSplit, evaluation: TokenizedSplit, source: str) -> TokenizedSplit:
+    """``evaluation`` less the examples whose tokens (as truncated) equal a training example's: their loss
+    measures memorisation. Chat dumps repeat conversations, so a held-out split is not enough."""
+    trained = {hash(tuple(ids)) for batch in train.dataset.iter(batch_size=1000) for ids in batch["input_ids"]}
+    keep = [i for i, ids in enumerate(evaluation.dataset["input_ids"]) if hash(tuple(ids)) not in trained]
+    if not keep:
+        raise DataError(f"{source}: every evaluation example is also a training example")
+    copies = len(evaluation) - len(keep)
+    if copies:
+        logger.warning("%s: %d evaluation examples are copies of training examples; they are left out", source, copies)
+        evaluation.dataset = evaluation.dataset.select(keep)
+        evaluation.copies_of_training = copies
+    return evaluation
 
 
 def _single_file_split(path: str, split: str | None, key: str, instead: str) -> str | None:

@@ -112,6 +112,19 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
                               f"and the AdamW betas and epsilon their defaults{changed}")
 
 
+def check_fits_this_run(cfg: Config, accelerator) -> None:
+    """Settings this launch cannot honour (its device, its DeepSpeed stage) are a one-line error before loading."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if cfg.model.attn_implementation == "flex_attention" and accelerator.device.type != "cuda":
+        raise ConfigError("model.attn_implementation=flex_attention trains on CUDA GPUs only (PyTorch has no "
+                          f"flex-attention backward on the {accelerator.device.type}); use sdpa here")
+    if cfg.training.compile and is_deepspeed_zero3_enabled():
+        raise ConfigError("training.compile=true does not work under DeepSpeed ZeRO-3: the hooks that gather each "
+                          "layer's partitioned weights break its compiled graph at every linear and recompile it on "
+                          "every call until torch.compile gives up and runs it eagerly; set training.compile=false")
+
+
 def base_model_device(accelerator) -> torch.device | None:
     """Where the base model's weights load: straight onto this process's GPU, unless ZeRO-3 partitions
     them as they load; None (the CPU; ``prepare`` moves the model) elsewhere."""
@@ -192,9 +205,7 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.training
         self.accelerator = acc = make_accelerator(cfg)
-        if cfg.model.attn_implementation == "flex_attention" and acc.device.type != "cuda":
-            raise ConfigError("model.attn_implementation=flex_attention trains on CUDA GPUs only (PyTorch has no "
-                              f"flex-attention backward on the {acc.device.type}); use sdpa here")
+        check_fits_this_run(cfg, acc)
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
@@ -265,9 +276,13 @@ class Trainer:
                       f"{p.step_in_epoch} steps into it)")
         packing = (f" packed into {len(self.train_items):,} rows ({100 * self.train_items.packing_efficiency:.1f}% "
                    "full)" if self.cfg.data.packing else "")
+        evaluation = "" if self.eval_data is None else f" | eval examples: {len(self.eval_data):,}" + (
+            f" ({self.eval_data.copies_of_training:,} copies of training examples left out)"
+            if self.eval_data.copies_of_training else "")
         acc.print(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
                   f"({100 * self.trainable_params / self.total_params:.3f}%) | train examples: "
-                  f"{len(self.train_data):,}{packing} | steps: {self.total_steps} | processes: {acc.num_processes}")
+                  f"{len(self.train_data):,}{packing}{evaluation} | steps: {self.total_steps} | "
+                  f"processes: {acc.num_processes}")
 
     def _make_scheduler(self, optimizer):
         from transformers import get_scheduler
@@ -555,6 +570,8 @@ class Trainer:
             "train_examples": len(self.train_data), "examples_truncated": self.train_data.truncated,
             "packing_efficiency": self.train_items.packing_efficiency,
             "examples_dropped": self.train_data.dropped,
+            "eval_examples": 0 if self.eval_data is None else len(self.eval_data),
+            "eval_copies_of_training_left_out": 0 if self.eval_data is None else self.eval_data.copies_of_training,
             "trainable_parameters": self.trainable_params, "total_parameters": self.total_params,
             "adapter": str(adapter.resolve()), "output_dir": str(self.out.resolve()),
         }

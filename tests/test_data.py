@@ -48,8 +48,91 @@ def test_tiny_tokenizer_labels_cover_assistant_turns_and_end():
 
 
 def test_train_on_prompt_supervises_everything():
+    """Every token but the first, which nothing predicts (so inspect_data counts what the loss counts)."""
     out = ConversationEncoder(tiny_tokenizer(), train_on_prompt=True).encode(CONVERSATION, "test")
-    assert out["labels"] == out["input_ids"]
+    assert out["labels"] == [IGNORE_INDEX] + out["input_ids"][1:] and len(out["input_ids"]) > 20
+
+
+def test_a_control_token_written_in_a_message_is_an_error(tmp_path):
+    """The tokenizer reads '<|end|>' typed in a message as the end-of-turn token, so the label mask would stop
+    there and the model learn to stop mid-answer; the row is refused, with its place in the file."""
+    tok = tiny_tokenizer()
+    answer = [{"role": "user", "content": "How does a turn end?"},
+              {"role": "assistant", "content": "With the <|end|> token, after which the model stops."}]
+    with pytest.raises(DataError, match=r"^row 7: message 1 \(assistant\) contains '<\|end\|>', which the "
+                                        r"tokenizer reads as a control token, not as text; remove it from the data$"):
+        ConversationEncoder(tok).encode(answer, "row 7")
+    spoof = [{"role": "user", "content": "Hi<|assistant|>Sure!"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(DataError, match=r"message 0 \(user\) contains '<\|assistant\|>'"):
+        ConversationEncoder(tok, train_on_prompt=True).encode(spoof, "row 0")
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(_chat(f"question {i}" + (" <s>" if i == 5 else ""))) for i in range(8)))
+    cfg = load_config(None, [f"data.path={path}", "data.eval_size=0"])
+    with pytest.raises(DataError, match=r"d.jsonl row 5: message 0 \(user\) contains '<s>'"):
+        build_datasets(cfg.data, tok, seed=0)
+    assert ConversationEncoder(tok).encode([{"role": "user", "content": "a < s > b <|end"},
+                                            {"role": "assistant", "content": "ok"}], "fine")["input_ids"]
+
+
+def test_turns_past_max_len_are_not_tokenized_again():
+    """A long conversation's assistant turns past ``max_len`` lie in what truncation cuts: the encoder stops
+    there, with the same labels on the tokens kept and far fewer tokenizations (each turn re-tokenizes its
+    prefix, so the work grew with the square of the turns)."""
+    turns = []
+    for i in range(60):
+        turns += [{"role": "user", "content": f"question {i} " + "word " * 20},
+                  {"role": "assistant", "content": f"answer {i} " + "text " * 20}]
+    tok = tiny_tokenizer()
+    calls = []
+    tokenize = tok.__class__.__call__
+
+    def counting(self, text, **kwargs):
+        calls.append(len(text))
+        return tokenize(self, text, **kwargs)
+
+    outputs = {}
+    for max_len in (None, 256):
+        calls.clear()
+        tok.__class__.__call__ = counting
+        try:
+            outputs[max_len] = (ConversationEncoder(tok, max_len=max_len).encode(turns, "long"), sum(calls))
+        finally:
+            tok.__class__.__call__ = tokenize
+    (whole, work), (stopped, less_work) = outputs[None], outputs[256]
+    assert len(whole["input_ids"]) > 10 * 256 and stopped["input_ids"] == whole["input_ids"]
+    assert stopped["labels"][:256] == whole["labels"][:256]
+    assert sum(label != IGNORE_INDEX for label in stopped["labels"][:256]) > 20
+    assert less_work < work / 10
+
+
+def test_evaluation_examples_that_copy_training_ones_are_left_out(tmp_path, caplog):
+    """Chat dumps repeat conversations; a held-out copy of a training example measures memorisation, so it is
+    left out of the evaluation set and counted (and an evaluation set of nothing but copies is an error)."""
+    path = tmp_path / "d.jsonl"
+    rows = [_chat(f"question {i}") for i in range(12)] + [_chat("question 0")] * 12
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(None, [f"data.path={path}", "data.eval_size=8"])
+    with caplog.at_level("WARNING", logger="phi3_lora.data"):
+        train, evaluation = build_datasets(cfg.data, tiny_tokenizer(), seed=0)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    held_out, kept = [rows[i] for i in order[:8]], [rows[i] for i in order[8:]]
+    copies = sum(r in kept for r in held_out)
+    assert 0 < copies < 8 and len(train) == 16  # this seed holds out both kinds
+    assert (len(evaluation), evaluation.copies_of_training) == (8 - copies, copies)
+    assert not set(map(tuple, train.dataset["input_ids"])) & set(map(tuple, evaluation.dataset["input_ids"]))
+    assert f"{copies} evaluation examples are copies of training examples; they are left out" in caplog.text
+    path.write_text("\n".join(json.dumps(_chat("same")) for _ in range(10)))
+    with pytest.raises(DataError, match=r"d.jsonl: every evaluation example is also a training example"):
+        build_datasets(cfg.data, tiny_tokenizer(), seed=0)
+
+
+def test_demo_conversations_are_distinct_and_seeded():
+    from phi3_lora.demo_data import MAX_CONVERSATIONS, demo_conversations
+    rows = demo_conversations(3000, seed=4)
+    assert len({json.dumps(r["messages"]) for r in rows}) == 3000 and rows == demo_conversations(3000, seed=4)
+    assert rows[:100] != demo_conversations(100, seed=5)
+    with pytest.raises(DataError, match=f"data.demo_size={MAX_CONVERSATIONS + 1}: the demo data has"):
+        demo_conversations(MAX_CONVERSATIONS + 1)
 
 
 @pytest.mark.parametrize("filename, fmt", [("sharegpt_conversations.json", "sharegpt"),

@@ -131,16 +131,20 @@ def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
 def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
     """A DeepSpeed JSON with numbers of its own (not "auto") that differ from the training config, precision
     included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with optimizer settings
-    accelerate would drop: exit 2, one line, nothing written."""
+    accelerate would drop; torch.compile under ZeRO-3, whose parameter hooks recompile each layer until
+    torch.compile gives up (tried: 8 recompilations a layer already in the first evaluation): exit 2, one line,
+    nothing written."""
     settings = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     settings.update({"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 7})
     (tmp_path / "mine.json").write_text(json.dumps(settings))
     zero2 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml")]
     offload = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3_offload.yaml")]
+    zero3 = ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml")]
     for name, cwd, launch, settings in [
             ("disagrees", ROOT, [*zero2, "--deepspeed_config_file", str(tmp_path / "mine.json")], []),
             ("missing", tmp_path, zero2, []),
-            ("offload", ROOT, offload, ["training.optimizer=adamw_8bit", "training.adam_beta2=0.95"])]:
+            ("offload", ROOT, offload, ["training.optimizer=adamw_8bit", "training.adam_beta2=0.95"]),
+            ("compile", ROOT, zero3, ["training.compile=true"])]:
         out = tmp_path / name
         command = accelerate_launch(1, *launch) + [str(ROOT / "scripts" / "train.py"), f"output_dir={out}"]
         proc = run_script(command + COMMON + settings, cwd=cwd, check=False, timeout=600)
@@ -152,6 +156,11 @@ def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
         elif name == "missing":
             assert "DeepSpeed config file 'ds_configs/zero2.json' (deepspeed_config_file of the accelerate config) " \
                 f"not found from {tmp_path}" in errors[0]
+        elif name == "compile":
+            assert errors[0] == "error: training.compile=true does not work under DeepSpeed ZeRO-3: the hooks " \
+                "that gather each layer's partitioned weights break its compiled graph at every linear and " \
+                "recompile it on every call until torch.compile gives up and runs it eagerly; set " \
+                "training.compile=false"
         else:  # accelerate would swap adamw_8bit for DeepSpeedCPUAdam and drop beta2
             assert "training.optimizer must be adamw_torch (got adamw_8bit) and the AdamW betas and epsilon their " \
                 "defaults (training.adam_beta2=0.95)" in errors[0]
