@@ -264,6 +264,11 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def saved_step(path: Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())["step"]
+
+
 def remove_stale_temporaries(output_dir: str | Path) -> None:
     """Delete what a crash left half-written (hidden directories under checkpoints/)."""
     root = checkpoints_root(output_dir)

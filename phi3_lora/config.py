@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -295,11 +296,14 @@ def _coerce(key: str, value: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if declared is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        if not isinstance(value, str):  # YAML read it as a number or date: 1.10 -> 1.1, 0123 -> 83 (octal)
+            raise ConfigError(f"{key}: expected text, got the {type(value).__name__} {value!r} (YAML reads unquoted "
+                              "numbers and dates as such: 1.10 becomes 1.1, 0123 becomes 83); quote it")
+        return value
     raise ConfigError(f"{key}: unsupported type {declared}")  # pragma: no cover - a bug in this module
 
 
@@ -307,6 +311,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for name, value in tree.items():
         key = f"{prefix}{name}"
+        if key in _sections() and value is None:
+            continue  # a section whose entries are all commented out
         if isinstance(value, dict) and key in _sections():
             flat.update(_flatten(value, key + "."))
         else:
@@ -331,15 +337,25 @@ def _read_yaml_value(text: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"training.max_steps=20"`` -> ``("training.max_steps", 20)``; the value is read as YAML."""
+    """``"training.max_steps=20"`` -> ``("training.max_steps", 20)``; the value is read as YAML, except for a
+    text setting, which takes the text as typed (``model.revision=1.10`` stays ``"1.10"``)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. training.max_steps=20")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if key in all_keys() and _is_text(key):
+        return key, None if raw.strip() in ("", "null", "~") else raw.strip()
     try:
         value = _read_yaml_value(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
+
+
+def _is_text(key: str) -> bool:
+    declared = _field_type(key)
+    return declared is str or (typing.get_origin(declared) in (typing.Union, types.UnionType)
+                               and str in typing.get_args(declared))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ the same number of micro-batches.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -158,6 +159,17 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Data
     encoded = encoded.select(keep) if dropped else encoded
     return TokenizedSplit(encoded.remove_columns(["was_truncated", "num_supervised"]),
                           truncated=sum(over[i] for i in keep), dropped=dropped)
+
+
+def fingerprint(split: TokenizedSplit) -> str:
+    """SHA-256 of the examples' token ids and labels, in order: what a checkpoint's data position refers to."""
+    from array import array
+
+    digest = hashlib.sha256()
+    for batch in split.dataset.iter(batch_size=1000):
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            digest.update(array("q", [len(ids), *ids, *labels]).tobytes())
+    return digest.hexdigest()
 
 
 def _held_out_count(n: int, eval_size: float) -> int:

@@ -15,6 +15,7 @@ and DDP/ZeRO average over processes; the scale below undoes both.)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -180,6 +181,8 @@ class PreemptionFlag:
     """Remembers that one of ``names`` (SIGTERM, SIGUSR1...) arrived; the loop checks it after each step.
 
     A second signal during the save only sets the flag again: the save finishes and stays intact.
+    ``scripts/train.py`` installs it before anything loads (``with PreemptionFlag(...)``), so that a signal
+    during loading, tokenization or the first evaluation also ends the run as preempted (exit 75), not killed.
     """
 
     def __init__(self, names: list[str]):
@@ -196,14 +199,21 @@ class PreemptionFlag:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 
+    def __enter__(self) -> PreemptionFlag:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
 
 class Trainer:
     """Fine-tunes a Phi-3 model with LoRA as ``cfg`` says. ``Trainer(cfg).train()`` is a whole run."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, preemption: PreemptionFlag | None = None):
         from accelerate.utils import set_seed
 
         self.cfg, t = cfg, cfg.training
+        self.preemption = preemption  # None: train() installs its own
         self.accelerator = acc = make_accelerator(cfg)
         check_fits_this_run(cfg, acc)
         self.out = Path(cfg.output_dir)
@@ -237,6 +247,10 @@ class Trainer:
         self.progress = Progress()
         if self.resume_dir:
             self._restore(self.resume_dir)
+            if self.progress.step > self.total_steps:
+                raise ConfigError(f"cannot resume {self.resume_dir}: it is at step {self.progress.step}, past this "
+                                  f"run's {self.total_steps} steps (training.max_steps / training.num_epochs)")
+        self._stop_if_signalled_before_training()
         self._attempt = (time.perf_counter(), self.progress.train_seconds)  # train() restarts this clock
         self._open_outputs()
 
@@ -298,14 +312,16 @@ class Trainer:
         """Run to ``total_steps``: evaluate before the first step, every ``eval_steps`` and at the end;
         checkpoint every ``save_steps``; on a preemption signal, checkpoint and raise ``Preempted``."""
         acc, t, p = self.accelerator, self.cfg.training, self.progress
+        own_flag = self.preemption is None
+        preemption = self.preemption = self.preemption or PreemptionFlag(t.preemption_signals)
         start = time.perf_counter()
         self._attempt = (start, p.train_seconds)  # when this attempt began; the earlier attempts' seconds
         if not p.eval_losses:
             self.evaluate()
+        self._stop_if_signalled_before_training()
         bar = tqdm(total=self.total_steps, initial=p.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         window, whole_run = Throughput(), Throughput()
-        preemption = PreemptionFlag(t.preemption_signals)
         try:
             while p.step < self.total_steps:
                 data_clock = time.perf_counter()
@@ -342,8 +358,16 @@ class Trainer:
             if t.save_steps:
                 self.save_checkpoint()
         finally:
-            preemption.restore()
+            if own_flag:
+                preemption.restore()
         return self.finish(time.perf_counter() - start, whole_run)
+
+    def _stop_if_signalled_before_training(self) -> None:
+        """A preemption signal before this attempt's first step: nothing new to save, so stop as preempted."""
+        if self.preemption is not None and self._any_process_signalled(self.preemption):
+            raise ckpt.Preempted(f"stopped by {signal.Signals(self.preemption.received).name} before training "
+                                 f"{'resumed' if self.resume_dir else 'began'} (nothing new to save); run again "
+                                 "with training.resume_from=auto to continue")
 
     def _any_process_signalled(self, preemption: PreemptionFlag) -> bool:
         """True on every process if any received a preemption signal (they must stop at the same step)."""
@@ -495,6 +519,7 @@ class Trainer:
             (tmp / "config.yaml").write_text(self.cfg.to_yaml())
             last_eval = p.eval_losses[-1] if p.eval_losses else None
             trainer_state = {**asdict(p), "num_processes": acc.num_processes, "fingerprint": self.cfg.fingerprint(),
+                             "train_data": self.train_data_fingerprint,
                              "eval_loss_at_save": last_eval[1] if last_eval and last_eval[0] == p.step else None}
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         acc.wait_for_everyone()
@@ -505,6 +530,11 @@ class Trainer:
         acc.wait_for_everyone()
         return target
 
+    @functools.cached_property
+    def train_data_fingerprint(self) -> dict:
+        """What a checkpoint's data position refers to: the number of training examples and their tokens' hash."""
+        return {"examples": len(self.train_data), "sha256": data_lib.fingerprint(self.train_data)}
+
     def _restore(self, path: Path) -> None:
         """Optimizer, scheduler, this process's RNG and the data position from a verified checkpoint."""
         acc = self.accelerator
@@ -512,6 +542,11 @@ class Trainer:
         if state["num_processes"] != acc.num_processes:
             raise ConfigError(f"{path} was saved by {state['num_processes']} processes, this run has "
                               f"{acc.num_processes}: resume with the same number (the data order depends on it)")
+        saved_data = state.get("train_data")  # absent from checkpoints saved before it was recorded
+        if saved_data and saved_data != self.train_data_fingerprint:
+            raise ConfigError(f"cannot resume {path}: the training data changed since it was saved "
+                              f"({saved_data['examples']:,} examples then, {len(self.train_data):,} now, or other "
+                              "tokens): its position in the epoch would point at other examples")
         if self.uses_deepspeed:
             if not (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved without DeepSpeed, cannot resume under DeepSpeed")
@@ -616,6 +651,11 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         if not path.is_dir():
             raise ckpt.CheckpointError(f"training.resume_from: {path} is not a directory")
     ckpt.verify_checkpoint(path)
+    later = [c.name for c in found if ckpt.saved_step(c) > ckpt.saved_step(path)]
+    if later:
+        raise ConfigError(f"cannot resume {path}: {cfg.output_dir} also holds later checkpoints ({', '.join(later)}) "
+                          "of the run this one would leave behind, which rotation and resume_from=auto would take for "
+                          "this run's; move or delete them first")
     saved = load_config(path / "config.yaml").resume_settings()
     changed = [k for k, v in cfg.resume_settings().items() if saved.get(k) != v]
     if changed:

@@ -68,11 +68,11 @@ def load_adapter_tensors(output_dir: Path) -> dict:
     return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))
 
 
-def in_process_trainer(cfg):
+def in_process_trainer(cfg, *args):
     """A Trainer in this pytest process (no launcher start-up cost); accelerate's singletons reset first."""
     from accelerate.state import AcceleratorState, GradientState
 
     from phi3_lora.loop import Trainer
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Trainer(cfg)
+    return Trainer(cfg, *args)

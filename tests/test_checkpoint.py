@@ -396,6 +396,66 @@ def test_changed_settings_are_named_on_resume(checkpointed_run):
     assert "settings changed since it was saved (lora.r: 16 -> 4)" in proc.stderr
 
 
+def test_a_resume_its_checkpoint_does_not_fit_is_refused(tmp_path):
+    """Going back to an earlier checkpoint while the abandoned run's later ones remain (rotation would delete this
+    run's own, resume_from=auto would pick the stale ones up); a checkpoint past the run's last step; training
+    data that changed under the same path (the saved position would point at other examples)."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                     {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+                            for i in range(40)))
+    out = tmp_path / "run"
+    code, log = finish(start(out, f"data.path={data}", "training.save_steps=4", "training.max_steps=8"))
+    assert code == 0, log[-3000:]
+    step4, step8 = ckpt.complete_checkpoints(out)
+
+    def refused(*overrides):
+        proc = run_script([sys.executable, str(TRAIN), f"output_dir={out}", *RUN, f"data.path={data}",
+                           "training.save_steps=4", *overrides], check=False, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return errors[0]
+
+    assert refused(f"training.resume_from={step4}") == (
+        f"error: cannot resume {step4}: {out} also holds later checkpoints (step-000008) of the run this one would "
+        "leave behind, which rotation and resume_from=auto would take for this run's; move or delete them first")
+    assert refused("training.resume_from=auto", "training.max_steps=6") == (
+        f"error: cannot resume {step8.resolve()}: it is at step 8, past this run's 6 steps (training.max_steps / "
+        "training.num_epochs)")
+    with data.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "one more"},
+                                         {"role": "assistant", "content": "row"}]}) + "\n")
+    assert refused("training.resume_from=auto", "training.max_steps=12") == (
+        f"error: cannot resume {step8.resolve()}: the training data changed since it was saved (40 examples then, "
+        "41 now, or other tokens): its position in the epoch would point at other examples")
+    assert ckpt.complete_checkpoints(out) == [step4, step8]  # nothing touched
+
+
+def test_a_preemption_signal_before_training_stops_as_preempted(tmp_path):
+    """SIGTERM while the data is tokenized (scripts/train.py catches it from before anything loads): exit 75, as
+    a preempted run, not 143; in process, a signal before the first step stops at the end of the set-up."""
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    from phi3_lora.loop import PreemptionFlag
+    proc = start(tmp_path / "run", "data.demo_size=6000", "data.num_proc=1")
+    deadline = time.time() + 120
+    seen = ""
+    while "Tokenizing" not in seen and time.time() < deadline:
+        seen += proc.stdout.read(1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, log = finish(proc)
+    assert code == ckpt.EXIT_PREEMPTED, (seen + log)[-3000:]
+    assert "preempted: stopped by SIGTERM before training began (nothing new to save); run again with " \
+        "training.resume_from=auto to continue" in log
+    assert not ckpt.complete_checkpoints(tmp_path / "run")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'in'}", *RUN])
+    with PreemptionFlag(["SIGUSR1"]) as flag:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(ckpt.Preempted, match="stopped by SIGUSR1 before training began"):
+            in_process_trainer(cfg, flag)
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_exact_resume_loralib_backend(tmp_path_factory, tmp_path):
     """The cookbook's loralib backend resumes exactly too (q,v-only MergedLinear, lora_state_dict files)."""
     loralib = ["lora.backend=loralib", "lora.qkv_enable=[true,false,true]", "lora.dropout=0.1"]

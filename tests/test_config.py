@@ -55,12 +55,35 @@ def test_no_is_a_string_and_only_true_and_false_are_booleans(tmp_path):
     ("training.preemption_signals=[SIGKILL]", "training.preemption_signals: SIGKILL cannot be caught"),
     ("training.preemption_signals=[SIG_DFL]", "training.preemption_signals: unknown signal 'SIG_DFL'"),
     ("training.max_steps", "expected KEY=VALUE"),
+    ("training.max_grad_norm=nan", "training.max_grad_norm: expected a finite number, got nan"),
+    ("training.num_epochs=.inf", "training.num_epochs: expected a finite number, got inf"),
+    ("lora.alpha=-inf", "lora.alpha: expected a finite number, got -inf"),
 ])
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_text_settings_keep_their_text(tmp_path):
+    """YAML reads 1.10 as 1.1 and 0123 as 83: a revision tag would silently name another. On the command line a
+    text setting takes the text as typed; in a recipe an unquoted number or date is an error asking for quotes.
+    An empty, null or ~ override unsets an optional one; a section with every entry commented out is empty."""
+    cfg = load_config(None, ["model.revision=1.10", "data.split=1:30", "output_dir=2024-06-01",
+                             "model.tokenizer=null", "data.eval_path="])
+    assert (cfg.model.revision, cfg.data.split, cfg.output_dir) == ("1.10", "1:30", "2024-06-01")
+    assert cfg.model.tokenizer is None and cfg.data.eval_path is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  revision: 0123\n")
+    with pytest.raises(ConfigError, match=r"^model.revision: expected text, got the int 83 \(YAML reads unquoted "
+                                          r"numbers and dates as such: 1.10 becomes 1.1, 0123 becomes 83\); quote it$"):
+        load_config(recipe)
+    recipe.write_text("model:\n  revision: '0123'\nlora:\n#  r: 8\ntraining:\n  max_steps: 3\n")
+    cfg = load_config(recipe)
+    assert (cfg.model.revision, cfg.lora.r, cfg.training.max_steps) == ("0123", 16, 3)
+    (tmp_path / "saved.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "saved.yaml") == cfg
 
 
 def test_overrides_may_come_on_both_sides_of_config(tmp_path):
