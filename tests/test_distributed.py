@@ -112,6 +112,15 @@ def test_ddp_two_processes_match_single(single, tmp_path):
     assert summary["tokens_per_second_in_steps"] == pytest.approx(summary["tokens_this_run"] / (STEPS * steps))
 
 
+def test_ddp_with_compiled_layers_matches_single(single, tmp_path):
+    """training.compile under DDP: each process compiles its layers in place (batches of varying length
+    recompile them, within dynamo's limit), and the numbers stay those of one eager process."""
+    proc = record_run(tmp_path, accelerate_launch(2, "--multi_gpu"), "training.loss_chunk_size=64",
+                      "training.compile=true")
+    assert "compiling 2 decoder layers" in proc.stdout and "recompile_limit" not in proc.stderr
+    assert_same_run(single, tmp_path)
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
     """ZeRO-3 also with gradient checkpointing, as its recipe runs: recomputing a layer gathers its partitioned
