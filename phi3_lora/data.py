@@ -47,6 +47,29 @@ def use_chat_template(tokenizer, which: str) -> None:
         tokenizer.chat_template = PHI3_CHAT_TEMPLATE
 
 
+def control_token_finder(tokenizer):
+    """``find(text)``: the first string in ``text`` that the tokenizer reads as one of its added (control) tokens,
+    ``<|end|>``, ``<|assistant|>``, ``<s>``..., or None. Such text in a message would act as that token."""
+    import re
+
+    controls = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, controls))) if controls else None
+
+    def find(text: str) -> str | None:
+        found = pattern.search(text) if pattern else None
+        return found.group() if found else None
+    return find
+
+
+def check_control_tokens(find, messages: list[dict], where: str) -> None:
+    """A ``DataError`` naming the first message whose text holds a control token's string (see above)."""
+    for i, m in enumerate(messages):
+        token = find(m["content"])
+        if token:
+            raise DataError(f"{where}: message {i} ({m['role']}) contains '{token}', which the tokenizer reads as a "
+                            "control token, not as text; remove it from the data")
+
+
 class ConversationEncoder:
     """Turns one conversation into ``input_ids`` and ``labels`` (assistant turns + their end token).
 
@@ -57,14 +80,11 @@ class ConversationEncoder:
     """
 
     def __init__(self, tokenizer, train_on_prompt: bool = False, max_len: int | None = None):
-        import re
-
         self.tokenizer = tokenizer
         self.train_on_prompt = train_on_prompt
         self.max_len = max_len
         self.end_id = end_of_turn_id(tokenizer)
-        controls = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
-        self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
+        self.find_control_token = control_token_finder(tokenizer)
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -74,14 +94,11 @@ class ConversationEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _check_texts(self, messages: list[dict], full: str, where: str) -> None:
-        for i, m in enumerate(messages):
+        for m in messages:
             if m["content"] and m["content"] not in full:
                 raise DataError(f"{where}: the chat template drops the {m['role']} message; "
                                 "set data.chat_template=phi3 to render it")
-            found = self.control_token.search(m["content"]) if self.control_token else None
-            if found:
-                raise DataError(f"{where}: message {i} ({m['role']}) contains '{found.group()}', which the tokenizer "
-                                "reads as a control token, not as text; remove it from the data")
+        check_control_tokens(self.find_control_token, messages, where)
 
     def encode(self, messages: list[dict], where: str) -> dict[str, list[int]]:
         full = self._render(messages, generation_prompt=False)
@@ -199,8 +216,9 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
     else:
         n_eval = _held_out_count(len(conversations), cfg.eval_size)
         if n_eval:  # rows held out of the training file keep their row numbers there, for errors
-            order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
-            eval_rows, train_rows = sorted(order[:n_eval]), sorted(order[n_eval:])
+            eval_rows = _rows_to_hold_out(conversations, n_eval, seed, cfg)
+            held_out = set(eval_rows)
+            train_rows = [i for i in range(len(conversations)) if i not in held_out]
             eval_conversations = [conversations[i] for i in eval_rows]
             conversations = [conversations[i] for i in train_rows]
     train = tokenize_conversations(conversations, tokenizer, cfg, cfg.path, rows=train_rows)
@@ -211,9 +229,27 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
     return train, evaluation
 
 
+def _rows_to_hold_out(conversations: list[list[dict]], n_eval: int, seed: int, cfg: DataConfig) -> list[int]:
+    """``n_eval`` rows drawn at random (``seed``) among the conversations that occur once in the file: a
+    repeated one would land in both splits, and its evaluation would measure memorisation."""
+    import json
+    from collections import Counter
+
+    keys = [json.dumps(c, sort_keys=True) for c in conversations]
+    counts = Counter(keys)
+    once = [i for i, key in enumerate(keys) if counts[key] == 1]
+    if len(once) < n_eval:
+        raise DataError(f"{cfg.path}: data.eval_size={cfg.eval_size:g} holds out {n_eval} rows, but only {len(once)} "
+                        "conversations occur once (a repeated one would be in both splits); hold out fewer, or "
+                        "give data.eval_path")
+    order = torch.randperm(len(once), generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(once[i] for i in order[:n_eval])
+
+
 def without_copies_of(train: TokenizedSplit, evaluation: TokenizedSplit, source: str) -> TokenizedSplit:
     """``evaluation`` less the examples whose tokens (as truncated) equal a training example's: their loss
-    measures memorisation. Chat dumps repeat conversations, so a held-out split is not enough."""
+    measures memorisation. Rows held out of the training file are never copies (``_rows_to_hold_out``);
+    a separate evaluation file or split may hold some (chat dumps repeat conversations)."""
     trained = {hash(tuple(ids)) for batch in train.dataset.iter(batch_size=1000) for ids in batch["input_ids"]}
     keep = [i for i, ids in enumerate(evaluation.dataset["input_ids"]) if hash(tuple(ids)) not in trained]
     if not keep:

@@ -3,8 +3,10 @@
 Each conversation is one of a handful of tasks (adding numbers, reversing and counting words,
 upper-casing, greeting), sometimes with a system prompt and sometimes with a follow-up turn.
 Answers follow fixed phrasings, so a small random model with LoRA learns them within minutes
-on a CPU, and its evaluation loss falls far below the untrained one. The same seed always
-gives the same conversations.
+on a CPU, and its evaluation loss falls far below the untrained one. The tasks have few variants
+besides the additions, so conversations repeat, which is what lets a tiny model learn them; the
+evaluation rows are held out among those that occur once (``data.build_datasets``), so it is measured on
+conversations the model has not seen. The same seed always gives the same conversations.
 """
 
 from __future__ import annotations
@@ -12,14 +14,7 @@ from __future__ import annotations
 import random
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "orbit", "maple", "candle",
-         "silver", "garden", "rocket", "pepper", "violet", "forest", "island", "marble", "pencil", "window",
-         "bridge", "castle", "dragon", "engine", "feather", "guitar", "hammer", "jacket", "kettle", "ladder",
-         "mirror", "needle", "orange", "parrot", "quartz", "rabbit", "saddle", "turtle", "velvet", "walnut",
-         "anchor", "barrel", "cactus", "dolphin", "falcon", "glacier", "harbor", "igloo", "jungle", "lantern",
-         "meadow", "nectar", "oyster", "planet", "quiver", "ribbon", "summit", "tunnel", "canyon", "zipper"]
-NAMES = ["Ada", "Alan", "Grace", "Linus", "Barbara", "Edsger", "Margaret", "Dennis", "Frances", "Ken",
-         "Radia", "Tim", "Katherine", "Guido", "Hedy", "John", "Lynn", "Niklaus", "Sophie", "Donald"]
-MAX_CONVERSATIONS = 10_000  # of about 13,800 variants, so that drawing distinct ones stays quick
+         "silver", "garden", "rocket", "pepper", "violet", "forest", "island", "marble", "pencil", "window"]
 SYSTEM_PROMPTS = ["You are a precise assistant.", "Answer briefly.", "You are a friendly helper."]
 
 
@@ -42,7 +37,7 @@ def _task(rng: random.Random) -> list[dict[str, str]]:
         w = rng.choice(WORDS)
         turns = [(f"Write '{w}' in capitals.", f"In capitals: {w.upper()}.")]
     else:
-        name = rng.choice(NAMES)
+        name = rng.choice(["Ada", "Alan", "Grace", "Linus", "Barbara"])
         turns = [(f"Hello, I am {name}.", f"Hello {name}! How can I help you today?")]
     messages = []
     for user, assistant in turns:
@@ -51,21 +46,12 @@ def _task(rng: random.Random) -> list[dict[str, str]]:
 
 
 def demo_conversations(n: int, seed: int = 0) -> list[dict]:
-    """``n`` distinct conversations in the ``messages`` format; about a third start with a system prompt.
-
-    Distinct, so that rows held out for evaluation are not copies of training rows (a repeat is drawn
-    again; the tasks have over ten thousand variants)."""
-    if n > MAX_CONVERSATIONS:
-        from .formats import DataError
-        raise DataError(f"data.demo_size={n}: the demo data has {MAX_CONVERSATIONS:,} distinct conversations at most")
+    """``n`` conversations in the ``messages`` format; about a third start with a system prompt."""
     rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
+    rows = []
+    for i in range(n):
         messages = _task(rng)
         if rng.random() < 0.33:
             messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        key = tuple((m["role"], m["content"]) for m in messages)
-        if key not in seen:
-            seen.add(key)
-            rows.append({"id": f"demo-{len(rows)}", "messages": messages})
+        rows.append({"id": f"demo-{i}", "messages": messages})
     return rows

@@ -95,7 +95,7 @@ def _references(value, n: int, where: str) -> list[str | None]:
         value = [value] if n == 1 else [None] * (n - 1) + [value]
     if not isinstance(value, list) or len(value) != n or not all(v is None or isinstance(v, str) for v in value):
         raise DataError(f"{where}: 'reference' must be a string or a list of {n} strings (one per turn)")
-    return value
+    return [v if v and v.strip() else None for v in value]  # an empty reference is in every answer: none
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -144,8 +144,14 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def check_system_prompts(tokenizer, prompts: list[Prompt]) -> None:
-    """Before any model loads: a prompt whose system message the chat template drops is a ``DataError``."""
+def check_prompts(tokenizer, prompts: list[Prompt]) -> None:
+    """Before any model loads: a prompt with a control token's string in its text (the model would see that
+    token), or whose system message the chat template drops, is a ``DataError``."""
+    from .data import check_control_tokens, control_token_finder
+
+    find = control_token_finder(tokenizer)
+    for p in prompts:
+        check_control_tokens(find, p.context + [{"role": "user", "content": t} for t in p.turns], f"prompt {p.id}")
     for p in prompts:
         if p.context and p.context[0]["role"] == "system":
             try:

@@ -27,6 +27,8 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
     """The settings to rebuild a run with: ``config``, else the run's config.yaml beside ``adapter``, else
     the embedded demo recipe (an adapter with neither needs ``model``); then ``overrides``; ``model`` (a
     path or hub id) replaces ``model.name_or_path``."""
+    if adapter is not None:
+        check_adapter_dir(adapter)
     if config is None and adapter is not None:
         beside = Path(adapter).parent / "config.yaml"
         if beside.is_file():
@@ -36,6 +38,12 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
                               "--config, or --model for the base it was trained on")
     extra = [f"model.name_or_path={model}"] if model else []
     return load_config(config, [*overrides, *extra])
+
+
+def has_run_config(config: str | None, adapter: str | None) -> bool:
+    """Whether ``run_config`` reads a run's settings (``config``, or config.yaml beside ``adapter``), not the
+    embedded demo recipe's, whose data and output_dir belong to no run of the user's."""
+    return config is not None or (adapter is not None and (Path(adapter).parent / "config.yaml").is_file())
 
 
 def quantization_override(load_in_4bit: bool) -> list[str]:

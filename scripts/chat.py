@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
+from phi3_lora.data import control_token_finder  # noqa: E402
 from phi3_lora.formats import DataError  # noqa: E402
 from phi3_lora.generate import (GenerationSettings, context_length, encode_prompts, generate_answers,  # noqa: E402
                                trim_history)
@@ -51,6 +52,10 @@ def main(argv=None):
     settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, 1, args.seed)
     tokenizer = load_tokenizer_for(cfg)
     start = [{"role": "system", "content": args.system}] if args.system else []
+    find_control_token = control_token_finder(tokenizer)
+    if args.system and find_control_token(args.system):
+        raise DataError(f"--system contains '{find_control_token(args.system)}', which the tokenizer reads as a "
+                        "control token, not as text")
     encode_prompts(tokenizer, [start + [{"role": "user", "content": "hi"}]])  # a template without a system role
     model = load_for_inference(cfg, tokenizer, args.adapter)
     if torch.cuda.is_available() and not args.load_in_4bit:
@@ -77,6 +82,10 @@ def main(argv=None):
             print("(conversation reset)", flush=True)
             continue
         if not text:
+            continue
+        if find_control_token(text):
+            print(f"(not sent: '{find_control_token(text)}' would reach the model as a control token, not as text)",
+                  flush=True)
             continue
         try:
             history, dropped = trim_history(tokenizer, history + [{"role": "user", "content": text}], limit)

@@ -8,7 +8,7 @@ docstring of phi3_lora/memory.py.
     python scripts/estimate_memory.py --config configs/phi3-mini-4k-qlora-consumer.yaml
     python scripts/estimate_memory.py --config configs/phi3-mini-4k-qlora-consumer.yaml --cards 8 12 16 24
     python scripts/estimate_memory.py --config configs/phi3-medium-qlora-zero3.yaml --zero_stage 3 --num_gpus 4
-    python scripts/estimate_memory.py --config configs/phi3-mini-4k-lora.yaml data.max_seq_len=4096 \
+    python scripts/estimate_memory.py --config configs/phi3-mini-4k-lora.yaml data.max_seq_len=4096 \\
         training.per_device_batch_size=1 --json estimate.json
 """
 
@@ -111,6 +111,7 @@ def main(argv=None):
         record = {attr: getattr(chosen, attr) for _, attr in ROWS}
         record.update(zero_stage=args.zero_stage, num_gpus=args.num_gpus, source=source,
                       gradient_checkpointing=cfg.training.gradient_checkpointing)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2))
 
 

@@ -33,9 +33,10 @@ import torch  # noqa: E402
 from phi3_lora import data as data_lib  # noqa: E402
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError  # noqa: E402
-from phi3_lora.generate import (GenerationSettings, answer_prompts, check_system_prompts,  # noqa: E402
-                                disabled_adapter, read_prompts, score)
-from phi3_lora.inference import dataset_loss, load_for_inference, load_tokenizer_for, run_config  # noqa: E402
+from phi3_lora.generate import (GenerationSettings, answer_prompts, check_prompts, disabled_adapter,  # noqa: E402
+                                read_prompts, score)
+from phi3_lora.inference import (dataset_loss, has_run_config, load_for_inference, load_tokenizer_for,  # noqa: E402
+                                 run_config)
 
 
 def parse_args(argv):
@@ -44,8 +45,8 @@ def parse_args(argv):
     parser.add_argument("--adapter", help="PEFT adapter directory (OUTPUT_DIR/adapter); default: the base model alone")
     parser.add_argument("--data", help="evaluate the loss on this whole dataset instead of the run's eval split")
     parser.add_argument("--prompts", help="JSONL prompts file to answer (messages or MT-bench turns)")
-    parser.add_argument("--out_dir", help="where generations.jsonl and results.json go "
-                        "(default: OUTPUT_DIR/evaluation of the run)")
+    parser.add_argument("--out_dir", help="where generations.jsonl and results.json go (default: OUTPUT_DIR/"
+                        "evaluation of the run; without a run config, evaluation/ beside --adapter, or here)")
     parser.add_argument("--compare_base", action="store_true", help="also answer with the adapter disabled")
     parser.add_argument("--no_loss", action="store_true", help="skip the eval loss")
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -59,7 +60,19 @@ def parse_args(argv):
         raise ConfigError("--compare_base: needs --adapter (there is nothing to compare the base with)")
     if args.no_loss and not args.prompts:
         raise ConfigError("--no_loss without --prompts leaves nothing to do")
+    if args.model and not has_run_config(args.config, args.adapter) and not (args.data or args.no_loss):
+        raise ConfigError("--model without a run config (--config, or config.yaml beside --adapter): there is no "
+                          "run's eval split to take the loss on; pass --data FILE, or --no_loss")
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"--out_dir {args.out_dir}: exists and is not a directory")
     return args
+
+
+def default_out_dir(args, cfg) -> Path:
+    """OUTPUT_DIR/evaluation of the run; without a run config, evaluation/ beside the adapter, or here."""
+    if has_run_config(args.config, args.adapter):
+        return Path(cfg.output_dir) / "evaluation"
+    return Path(args.adapter).parent / "evaluation" if args.adapter else Path("evaluation")
 
 
 def eval_split(cfg, tokenizer, data_path: str | None):
@@ -126,11 +139,11 @@ def main(argv=None):
     if args.compare_base and cfg.lora.init in ("pissa", "olora"):
         raise ConfigError(f"--compare_base: with lora.init={cfg.lora.init} the adapter's base is the residual of "
                           "the original weights, not the base model; evaluate the base without --adapter instead")
-    out_dir = Path(args.out_dir or Path(cfg.output_dir) / "evaluation")
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, cfg)
     tokenizer = load_tokenizer_for(cfg)
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad prompts fail before the model loads
     if prompts is not None:
-        check_system_prompts(tokenizer, prompts)
+        check_prompts(tokenizer, prompts)
     split = None if args.no_loss else eval_split(cfg, tokenizer, args.data)
     model = load_for_inference(cfg, tokenizer, args.adapter)
     if torch.cuda.is_available():

@@ -105,34 +105,34 @@ def test_turns_past_max_len_are_not_tokenized_again():
     assert less_work < work / 10
 
 
-def test_evaluation_examples_that_copy_training_ones_are_left_out(tmp_path, caplog):
-    """Chat dumps repeat conversations; a held-out copy of a training example measures memorisation, so it is
-    left out of the evaluation set and counted (and an evaluation set of nothing but copies is an error)."""
+def test_evaluation_never_holds_copies_of_training_examples(tmp_path, caplog):
+    """Chat dumps repeat conversations; an evaluation example that copies a training one measures memorisation.
+    Rows held out of the training file are drawn among the conversations that occur once; a separate
+    evaluation file's copies of training examples are left out and counted (all copies: an error)."""
     path = tmp_path / "d.jsonl"
     rows = [_chat(f"question {i}") for i in range(12)] + [_chat("question 0")] * 12
     path.write_text("\n".join(json.dumps(r) for r in rows))
+    tok = tiny_tokenizer()
     cfg = load_config(None, [f"data.path={path}", "data.eval_size=8"])
+    train, evaluation = build_datasets(cfg.data, tok, seed=0)
+    assert (len(train), len(evaluation), evaluation.copies_of_training) == (16, 8, 0)
+    trained, evaluated = set(map(tuple, train.dataset["input_ids"])), set(map(tuple, evaluation.dataset["input_ids"]))
+    assert len(evaluated) == 8 and not trained & evaluated
+    assert [tok.decode(ids).count("question 0") for ids in train.dataset["input_ids"]].count(1) == 13
+    with pytest.raises(DataError, match=r"d.jsonl: data.eval_size=12 holds out 12 rows, but only 11 conversations "
+                                        r"occur once \(a repeated one would be in both splits\)"):
+        build_datasets(load_config(None, [f"data.path={path}", "data.eval_size=12"]).data, tok, seed=0)
+
+    separate = tmp_path / "eval.jsonl"
+    separate.write_text("\n".join(json.dumps(_chat(f"question {i}")) for i in (0, 3, 20, 21, 22)))
+    cfg = load_config(None, [f"data.path={path}", f"data.eval_path={separate}"])
     with caplog.at_level("WARNING", logger="phi3_lora.data"):
-        train, evaluation = build_datasets(cfg.data, tiny_tokenizer(), seed=0)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    held_out, kept = [rows[i] for i in order[:8]], [rows[i] for i in order[8:]]
-    copies = sum(r in kept for r in held_out)
-    assert 0 < copies < 8 and len(train) == 16  # this seed holds out both kinds
-    assert (len(evaluation), evaluation.copies_of_training) == (8 - copies, copies)
-    assert not set(map(tuple, train.dataset["input_ids"])) & set(map(tuple, evaluation.dataset["input_ids"]))
-    assert f"{copies} evaluation examples are copies of training examples; they are left out" in caplog.text
-    path.write_text("\n".join(json.dumps(_chat("same")) for _ in range(10)))
-    with pytest.raises(DataError, match=r"d.jsonl: every evaluation example is also a training example"):
-        build_datasets(cfg.data, tiny_tokenizer(), seed=0)
-
-
-def test_demo_conversations_are_distinct_and_seeded():
-    from phi3_lora.demo_data import MAX_CONVERSATIONS, demo_conversations
-    rows = demo_conversations(3000, seed=4)
-    assert len({json.dumps(r["messages"]) for r in rows}) == 3000 and rows == demo_conversations(3000, seed=4)
-    assert rows[:100] != demo_conversations(100, seed=5)
-    with pytest.raises(DataError, match=f"data.demo_size={MAX_CONVERSATIONS + 1}: the demo data has"):
-        demo_conversations(MAX_CONVERSATIONS + 1)
+        train, evaluation = build_datasets(cfg.data, tok, seed=0)
+    assert (len(train), len(evaluation), evaluation.copies_of_training) == (24, 3, 2)
+    assert f"{separate}: 2 evaluation examples are copies of training examples; they are left out" in caplog.text
+    separate.write_text(json.dumps(_chat("question 5")))
+    with pytest.raises(DataError, match=r"eval.jsonl: every evaluation example is also a training example"):
+        build_datasets(cfg.data, tok, seed=0)
 
 
 @pytest.mark.parametrize("filename, fmt", [("sharegpt_conversations.json", "sharegpt"),
