@@ -94,7 +94,8 @@ class ModelConfig:
     bnb_4bit_use_double_quant: bool = _field(False, "Quantize the 4-bit scales too (saves ~0.4 bits a weight).")
     bnb_4bit_compute_dtype: str = _field("auto", "dtype the 4-bit weights are dequantized to for each matmul: "
                                          "auto = model.dtype (float32 on the CPU); bfloat16 on a GPU without bf16 "
-                                         "falls back to float16 with a warning.",
+                                         "falls back to float16 with a warning. Under bf16/fp16 autocast the matmul "
+                                         "itself runs in 16 bits whatever this says.",
                                          choices=("auto", "bfloat16", "float16", "float32"))
     bnb_4bit_quant_storage: str = _field("uint8", "dtype the packed 4-bit weights are stored in; set it to "
                                          "model.dtype (bfloat16) so DeepSpeed ZeRO-3 can shard them.",
@@ -439,6 +440,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.load_in_4bit and model.load_in_8bit: choose one")
     if m.bnb_4bit_quant_storage != "uint8" and not m.load_in_4bit:
         raise ConfigError("model.bnb_4bit_quant_storage: only applies with model.load_in_4bit=true")
+    if cfg.lora.init in ("pissa", "olora") and (m.load_in_4bit or m.load_in_8bit):
+        raise ConfigError(f"lora.init={cfg.lora.init} rewrites the base weights from their decomposition, which a "
+                          "4-bit or 8-bit base does not have; use the default init with a quantized base")
     if not str(cfg.output_dir).strip():
         raise ConfigError("output_dir: must not be empty")
 

@@ -89,9 +89,11 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
              "gradient_accumulation_steps": t.gradient_accumulation_steps,
              "train_batch_size": t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes}
     mismatches = []
-    for key in owned:
+    for key, value in owned.items():
+        plugin.deepspeed_config.setdefault(key, value)  # absent, DeepSpeed's own default (clipping at 1.0) would rule
         plugin.fill_match(key, mismatches, must_match=True, **owned)
     wanted = mixed_precision(cfg)  # accelerate filled "auto" with it, kept explicit values and may have followed them
+    check_4bit_storage_survives_deepspeed(cfg, wanted)
     for dtype in ("bf16", "fp16"):
         enabled = plugin.deepspeed_config.get(dtype, {}).get("enabled", False)
         if str(enabled).lower() != str(wanted == dtype).lower():
@@ -124,6 +126,19 @@ def check_fits_this_run(cfg: Config, accelerator) -> None:
         raise ConfigError("training.compile=true does not work under DeepSpeed ZeRO-3: the hooks that gather each "
                           "layer's partitioned weights break its compiled graph at every linear and recompile it on "
                           "every call until torch.compile gives up and runs it eagerly; set training.compile=false")
+
+
+def check_4bit_storage_survives_deepspeed(cfg: Config, precision: str) -> None:
+    """Under DeepSpeed with fp16/bf16, every floating-point parameter is cast to that dtype at start (any ZeRO
+    stage). 4-bit weights packed into float words (``bnb_4bit_quant_storage``) would be converted as numbers,
+    which destroys them: their storage dtype must be that one already (uint8 storage is never cast)."""
+    storage = cfg.model.bnb_4bit_quant_storage
+    wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    if cfg.model.load_in_4bit and storage != "uint8" and wanted and storage != wanted:
+        raise ConfigError(f"model.bnb_4bit_quant_storage={storage}: DeepSpeed casts every floating-point parameter to "
+                          f"{wanted} ({precision}), which would convert the packed 4-bit weights as numbers; store "
+                          f"them in {wanted} (and set model.dtype={wanted} under ZeRO-3), or make "
+                          "training.mixed_precision match the storage")
 
 
 def base_model_device(accelerator) -> torch.device | None:

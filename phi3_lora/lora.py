@@ -128,10 +128,19 @@ def load_adapter_dir(model, directory) -> None:
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    """(trainable, total) parameter counts: 4-bit weights count as their unpacked size (whatever dtype packs
+    them), parameters that ZeRO-3 partitioned as loaded as their whole size."""
+    import math
+
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:
+            n = math.prod(quant_state.shape)
+        elif hasattr(p, "ds_numel"):
+            n = p.ds_numel
+        else:
+            n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -22,8 +22,8 @@ adapters    P_lora = sum over adapted layers (in, out) of r (in + out) (loralib'
             adapters in fp32). ZeRO-3: / N.
 gradients   4 P_lora; ZeRO >= 2: / N; DDP (N > 1, Z = 0) adds its gradient buckets, 4 P_lora.
 optimizer   adamw_torch, paged_adamw_32bit: 8 bytes per adapter parameter (two fp32 moments).
-            adamw_8bit, paged_adamw_8bit: 2 + 8/2048 bytes per parameter of tensors with at least
-            4096 elements (8-bit moments and their fp32 block scales), 8 for smaller tensors.
+            adamw_8bit, paged_adamw_8bit: 2 + 8/256 bytes per parameter of tensors with at least
+            4096 elements (8-bit moments and their fp32 scales, one per block of 256), 8 for smaller.
             DeepSpeed (Z >= 1) adds the fp32 master copy, 4 P_lora. ZeRO >= 1: / N. (Paged
             states may move to CPU memory under pressure; they are counted on the GPU here.)
 activations per token of one decoder layer, kept for backward (sdpa, flash and flex attention
@@ -58,7 +58,11 @@ evaluation  weights + adapters + optimizer + R_e V (a + 8) + T_e a (h + 3i) + de
             R_e = T_e or min(T_e, C) as R (+ T_e a h, the chunks' copy): no activations are kept,
             but an evaluation batch's logits are; gradients are freed.
 
-The peak is the larger of training and evaluation. ``overhead`` = 0.5 GiB (CUDA context and
+loading     a 4-bit or 8-bit base under ZeRO-3: all of its weights, unsharded. transformers loads a quantized
+            model without zero.Init, and DeepSpeed moves it whole onto each GPU before its ZeRO-3
+            optimizer partitions it. Otherwise the weights as above.
+
+The peak is the largest of training, evaluation and loading. ``overhead`` = 0.5 GiB (CUDA context and
 kernels) + 10% of the peak (allocator fragmentation), an assumption checked by
 ``benchmarks/gpu_qlora.sh`` on a GPU.
 """
@@ -74,7 +78,7 @@ from .config import TINY_MODEL, Config, ConfigError, effective_chunk_size
 
 GIB = 1024 ** 3
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-BLOCK_4BIT, DOUBLE_QUANT_GROUP, BLOCK_8BIT_OPTIM, MIN_8BIT_OPTIM_SIZE = 64, 256, 2048, 4096
+BLOCK_4BIT, DOUBLE_QUANT_GROUP, BLOCK_8BIT_OPTIM, MIN_8BIT_OPTIM_SIZE = 64, 256, 256, 4096  # bitsandbytes 0.50
 CONTEXT_BYTES, FRAGMENTATION = 0.5 * GIB, 0.10
 
 
@@ -156,6 +160,7 @@ class Estimate:
     adapter_parameters: int
     base_parameters: int
     checkpointing: bool
+    loading: float = 0.0      # held while loading: a quantized base under ZeRO-3 is whole until DeepSpeed partitions it
 
     @property
     def activations(self) -> float:
@@ -177,7 +182,7 @@ class Estimate:
 
     @property
     def peak(self) -> float:
-        return max(self.training_peak, self.evaluation_peak)
+        return max(self.training_peak, self.evaluation_peak, self.loading)
 
     @property
     def overhead(self) -> float:
@@ -259,6 +264,10 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
         layer_storage = p_layer * w
     sharded = packed + p_rest * w
     weights = (sharded / n if zero_stage == 3 else sharded) + constants
+    # transformers loads a quantized model without zero.Init, and DeepSpeed moves it whole onto each GPU
+    # before its ZeRO-3 optimizer partitions it
+    quantized = m.load_in_4bit or m.load_in_8bit
+    loading = sharded + constants if quantized and zero_stage == 3 else weights
 
     # adapters, gradients, optimizer
     adapted = adapted_layers(shape, lora.target_modules)
@@ -286,7 +295,6 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
     chunk = effective_chunk_size(t.loss_chunk_size, zero_stage)
     selected = a * h if chunk else 0  # the hidden states' gradient (training) or their copy (evaluation)
     kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)
-    quantized = m.load_in_4bit or m.load_in_8bit
     largest = max(fan_in * fan_out for fan_in, fan_out in layers.values())
     dequantized = largest * a if quantized else 0
     working = tokens * a * (2 * i + 2 * h) + dequantized + (2 * layer_storage if zero_stage == 3 else 0)
@@ -297,4 +305,4 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
                   + t.per_device_eval_batch_size * scores * (4 + 2 * a))
     return Estimate(weights=weights, adapters=adapters, gradients=gradients, optimizer=opt, kept_activations=kept,
                     one_layer=one_layer, working_set=working, logits=logits, evaluation_activations=evaluation,
-                    adapter_parameters=p_lora, base_parameters=p_lin + p_rest, checkpointing=ckpt)
+                    adapter_parameters=p_lora, base_parameters=p_lin + p_rest, checkpointing=ckpt, loading=loading)

@@ -25,7 +25,8 @@ from phi3_lora.memory import GIB, estimate, model_shape  # noqa: E402
 ROWS = [("weights", "weights"), ("adapters", "adapters"), ("gradients", "gradients"),
         ("optimizer states", "optimizer"), ("activations", "activations"),
         ("  of which logits", "logits"), ("peak, training", "training_peak"),
-        ("peak, evaluation", "evaluation_peak"), ("peak (allocated)", "peak"),
+        ("peak, evaluation", "evaluation_peak"), ("loading (whole before ZeRO-3)", "loading"),
+        ("peak (allocated)", "peak"),
         ("+ CUDA context, fragmentation", "overhead"), ("GPU memory needed", "card")]
 
 
@@ -46,6 +47,8 @@ def describe(cfg, source: str, est, zero_stage: int, num_gpus: int) -> str:
 def breakdown(with_ckpt, without) -> str:
     lines = [f"{'':32}{'checkpointing':>15}{'none':>10}"]
     for label, attr in ROWS:
+        if attr == "loading" and with_ckpt.loading <= with_ckpt.weights:
+            continue  # only a quantized base under ZeRO-3 is held whole while loading
         lines.append(f"{label:32}{getattr(with_ckpt, attr) / GIB:15.2f}{getattr(without, attr) / GIB:10.2f}")
     return "\n".join(lines)
 

@@ -39,12 +39,13 @@ def by_hand(n_gpus=1, zero=0, checkpointing=True):
     packed = linear * 0.5 + rest * 2                  # 4-bit weights, bf16 embeddings/head/norms
     constants = linear * (1 / 64 + 4 / (64 * 256))    # double-quantized absmax
     weights = (packed / n_gpus if zero == 3 else packed) + constants
+    loading = packed + constants if zero == 3 else weights  # a 4-bit base reaches each GPU whole under ZeRO-3
     # LoRA r=32 on qkv (A 32x64 = 2048, B 128x32 = 4096) and down (A 32x160 = 5120, B 64x32 = 2048), 3 layers
     lora = 3 * (2048 + 4096 + 5120 + 2048)            # 39936
     adapters = 4 * lora / (n_gpus if zero == 3 else 1)
     gradients = 4 * lora / (n_gpus if zero >= 2 else 1)
     # adamw_8bit: 8-bit states for tensors of >= 4096 elements (4096, 5120), fp32 for the others
-    optimizer = 3 * ((4096 + 5120) * (2 + 8 / 2048) + (2048 + 2048) * 8)
+    optimizer = 3 * ((4096 + 5120) * (2 + 8 / 256) + (2048 + 2048) * 8)  # an fp32 absmax per block of 256
     if zero >= 1:
         optimizer = (optimizer + 4 * lora) / n_gpus   # + DeepSpeed's fp32 master copy, sharded
     tokens = 2 * 128
@@ -65,8 +66,8 @@ def by_hand(n_gpus=1, zero=0, checkpointing=True):
     eval_rest = 4 * 128 * 2 * (64 + 3 * 160 + (64 if chunked else 0))
     evaluation = weights + adapters + optimizer + eval_logits + eval_rest + 20480 * 2
     return dict(weights=weights, adapters=adapters, gradients=gradients, optimizer=optimizer,
-                activations=activations, training_peak=training, evaluation_peak=evaluation,
-                peak=max(training, evaluation), adapter_parameters=lora, base_parameters=linear + rest)
+                activations=activations, training_peak=training, evaluation_peak=evaluation, loading=loading,
+                peak=max(training, evaluation, loading), adapter_parameters=lora, base_parameters=linear + rest)
 
 
 @pytest.mark.parametrize("zero, n_gpus, checkpointing", [(0, 1, True), (0, 1, False), (3, 4, True), (2, 2, True)])

@@ -304,10 +304,27 @@ def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(monkeypatch, caplog):
     (["model.bnb_4bit_quant_storage=bfloat16"], "model.bnb_4bit_quant_storage: only applies with model.load_in_4bit"),
     (["model.bnb_4bit_quant_type=int4"], "model.bnb_4bit_quant_type: 'int4' is not one of nf4, fp4"),
     (["training.optimizer=sgd"], "training.optimizer: 'sgd' is not one of adamw_torch, adamw_8bit"),
+    (["model.load_in_4bit=true", "lora.init=pissa"], "lora.init=pissa rewrites the base weights from their "
+                                                     "decomposition, which a 4-bit or 8-bit base does not have"),
 ])
 def test_quantization_settings_are_validated(overrides, message):
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[")):
         load_config(None, overrides)
+
+
+def test_deepspeed_precision_must_not_recast_4bit_weights_stored_in_float_words():
+    """DeepSpeed casts every floating-point parameter to its fp16/bf16 at start, at any ZeRO stage: 4-bit weights
+    packed in float words of another dtype would be converted as numbers (tried: 91% of the weights changed under
+    fp16 with bfloat16 storage, and the run went on). uint8 words, and no mixed precision, are left alone."""
+    from phi3_lora.loop import check_4bit_storage_survives_deepspeed
+    cfg = load_config(None, ["model.load_in_4bit=true", "model.bnb_4bit_quant_storage=bfloat16"])
+    with pytest.raises(ConfigError, match=r"^model.bnb_4bit_quant_storage=bfloat16: DeepSpeed casts every floating-"
+                                          r"point parameter to float16 \(fp16\)"):
+        check_4bit_storage_survives_deepspeed(cfg, "fp16")
+    for precision in ("bf16", "no"):
+        check_4bit_storage_survives_deepspeed(cfg, precision)
+    for precision in ("bf16", "fp16"):
+        check_4bit_storage_survives_deepspeed(load_config(None, ["model.load_in_4bit=true"]), precision)
 
 
 def test_qlora_under_zero3_shards_4bit_weights_and_trains(tmp_path):
@@ -337,6 +354,9 @@ def test_qlora_under_zero3_shards_4bit_weights_and_trains(tmp_path):
             assert v["ds_shape"] is not None and v["local_numel"] < v["ds_shape"][0], name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed_type"] == "DEEPSPEED" and summary["final_eval_loss"] < summary["first_eval_loss"] - 0.3
+    from phi3_lora.lora import attach_lora, parameter_counts  # the 4-bit words are float32 here: 8 weights each
+    unquantized = attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=0)
+    assert (summary["trainable_parameters"], summary["total_parameters"]) == parameter_counts(unquantized)
     quantized_cfg = load_config(out / "config.yaml").model
     base = load_model(dataclasses.replace(quantized_cfg, name_or_path=str(model_dir)), load_tokenizer(quantized_cfg))
     tuned = PeftModel.from_pretrained(base, str(out / "adapter"))
