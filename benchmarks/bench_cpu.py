@@ -7,7 +7,8 @@ Phi-3 tokenizer and ShareGPT conversations from ../shared, the Phi-3 chat templa
 alpha=32, dropout 0.05 on qkv_proj, o_proj, gate_up_proj, down_proj, AdamW lr 2e-4 with a cosine
 schedule, batch 8, one epoch, max length --max_len, loss on every token (trl's default for
 conversations without generation markers; ours with data.train_on_prompt=true), so both learn from
-the same supervised tokens. No evaluation, no intermediate saves.
+the same supervised tokens, and no activation checkpointing (trl's SFTConfig turns it on unless told;
+each run reports its setting and a mismatch stops the benchmark). No evaluation, no intermediate saves.
 
 Runs alternate — ours padded, ours packed, trl padded, trl packed — so drifts in the machine's
 speed hit every side alike. Each run is timed from process start to the adapter on disk (the whole
@@ -68,7 +69,9 @@ def ours(model, tokenizer, data, out, max_len, packing) -> tuple[float, dict]:
                         "training.lr_scheduler=cosine", "training.warmup_steps=0", "training.max_steps=-1",
                         "training.num_epochs=1", "training.per_device_batch_size=8", "training.logging_steps=5",
                         "training.eval_steps=0"])
-    return seconds, json.loads((Path(out) / "summary.json").read_text())
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    settings = (Path(out) / "config.yaml").read_text()
+    return seconds, {**summary, "gradient_checkpointing": "gradient_checkpointing: true" in settings}
 
 
 def trl(model, tokenizer, data, out, max_len, packing) -> tuple[float, dict]:
@@ -97,6 +100,8 @@ def main():
             for name, (run, packing) in sides.items():
                 seconds, result = run(model, tokenizer, data, work / f"{name}-{repeat}".replace(" ", ""),
                                       args.max_len, packing)
+                if result["gradient_checkpointing"]:
+                    raise SystemExit(f"{name} ran with activation checkpointing: the sides would not do equal work")
                 runs[name].append({"seconds": seconds, "final_train_loss": result["final_train_loss"],
                                    **({"supervised_tokens": result["supervised_tokens"]} if "supervised_tokens"
                                       in result else {})})

@@ -539,9 +539,8 @@ def trl(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype,
                                                  attn_implementation=resolve_attention(m.attn_implementation))
     rows = [json.loads(line) for line in Path(cfg.data.path).read_text().splitlines()]
-    # transformers 5.24 renamed gradient_checkpointing* to activation_checkpointing* (the old names warn)
-    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-                     else "gradient_checkpointing")
+    from trl_sft import checkpointing_settings
+
     sft = SFTConfig(
         output_dir=str(work / "run"), max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
@@ -549,7 +548,7 @@ def trl(args) -> None:
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon, max_grad_norm=t.max_grad_norm, seed=t.seed,
         optim="adamw_torch_fused" if t.optimizer == "adamw_torch" and cuda else t.optimizer,
-        **{checkpointing: t.gradient_checkpointing, f"{checkpointing}_kwargs": {"use_reentrant": False}},
+        **checkpointing_settings(SFTConfig, t.gradient_checkpointing),
         bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not cuda, max_length=cfg.data.max_seq_len,
         packing=False, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
         dataloader_num_workers=0)

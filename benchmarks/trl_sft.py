@@ -14,6 +14,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def checkpointing_settings(sft_config_class, enabled: bool) -> dict:
+    """SFTConfig's activation checkpointing arguments, always given: trl turns checkpointing on by default,
+    which would make trl recompute every layer where our side does not. transformers 5.24 renamed
+    gradient_checkpointing* to activation_checkpointing* (the old names warn)."""
+    name = ("activation_checkpointing" if "activation_checkpointing" in sft_config_class.__dataclass_fields__
+            else "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("--model", "--tokenizer", "--data", "--out"):
@@ -22,6 +31,7 @@ def main():
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="as our training.gradient_checkpointing")
     args = parser.parse_args()
 
     import datasets
@@ -40,7 +50,8 @@ def main():
         output_dir=args.out, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, max_length=args.max_len, packing=args.packing, logging_steps=5, save_strategy="no",
-        report_to="none", use_cpu=True, bf16=False, seed=42, dataloader_num_workers=0)
+        report_to="none", use_cpu=True, bf16=False, seed=42, dataloader_num_workers=0,
+        **checkpointing_settings(SFTConfig, args.gradient_checkpointing))
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PHI3_TARGET_MODULES,
                              bias="none", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
@@ -48,7 +59,9 @@ def main():
     trainer.train()
     trainer.model.save_pretrained(Path(args.out) / "adapter")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    print(json.dumps({"final_train_loss": losses[-1] if losses else None, "steps": trainer.state.global_step}))
+    print(json.dumps({"final_train_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
+                      "gradient_checkpointing": getattr(config, "activation_checkpointing",
+                                                        getattr(config, "gradient_checkpointing", None))}))
 
 
 if __name__ == "__main__":

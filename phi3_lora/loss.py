@@ -48,7 +48,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets,
                                ignore_index=IGNORE_INDEX, reduction="sum")
     hidden = last_hidden_state(model, inputs)
-    positions = batch.get("supervised_positions")  # from the collator, on the CPU: no device sync here
+    positions = batch.get("supervised_positions")  # found by the collator on the CPU: nothing waits for the GPU
     if positions is None:
         positions = supervised_positions(batch["labels"])
     return chunked_cross_entropy(hidden.flatten(0, 1)[positions], batch["labels"].flatten()[positions + 1],
