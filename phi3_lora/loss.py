@@ -108,11 +108,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, len(targets), chunk_size):
             part = slice(start, start + chunk_size)
-            logits, target = chunk_logits(hidden[part], weight, bias), targets[part]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            target = targets[part]
+            # one fused pass (logsumexp, then subtracting it, took a third longer on the CPU); the logits go with it
+            log_probs = torch.log_softmax(chunk_logits(hidden[part], weight, bias), dim=-1)
+            total -= log_probs.gather(1, target[:, None]).sum()
             if grad is not None:
-                probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+                probs = log_probs.exp_()  # softmax, in place
                 probs[torch.arange(len(target), device=target.device), target] -= 1
                 grad[part] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)

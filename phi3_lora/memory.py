@@ -48,8 +48,9 @@ activations per token of one decoder layer, kept for backward (sdpa, flash and f
             logits, whole (``training.loss_chunk_size`` 0, and always under ZeRO-3): T V (4 + 4 + 4)
             at the start of backward (fp32 log-softmax kept for backward, its gradient, the fp32
             logits' gradient); the forward's a + 8 bytes per logit are less. Chunked (C > 0):
-            min(T, C) V (a + 4 + a) during the forward (one chunk's logits, their fp32 copy turned
-            softmax in place, and that in a bytes for the gradient's matmul); nothing at backward.
+            min(T, C) V (a + 4 + a) during the forward (one chunk's logits and their fp32 copy, then
+            its fp32 log-softmax turned softmax in place, and that in a bytes for the gradient's
+            matmul); nothing at backward.
             ZeRO-3 adds two gathered decoder layers (the current and the prefetched one) in storage
             bytes.
             peak (training) = weights + adapters + gradients + optimizer + kept
