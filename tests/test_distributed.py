@@ -7,6 +7,7 @@ batch of 2 per process. The data (45 examples, two epochs) does not divide into 
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -176,26 +177,35 @@ def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
         assert not out.exists()
 
 
-def test_a_deepspeed_config_without_training_entries_gets_them_from_the_training_config():
-    """Absent from the JSON, gradient_clipping would be DeepSpeed's default 1.0, whatever training.max_grad_norm says."""
+def test_a_deepspeed_config_without_training_entries_gets_them_from_the_training_config(monkeypatch):
+    """Absent from the JSON, gradient_clipping would be DeepSpeed's default 1.0, whatever training.max_grad_norm says:
+    it and the batch size come from the training config. (accelerate itself writes 1 for a missing
+    gradient_accumulation_steps, which then disagrees with the training config's 2: an error, not a silent 1.)"""
     from types import SimpleNamespace
 
     from accelerate.utils import DeepSpeedPlugin
 
-    from phi3_lora.config import load_config
+    from phi3_lora.config import ConfigError, load_config
     from phi3_lora.loop import fill_deepspeed_config
-    settings = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    for key in ("gradient_clipping", "train_batch_size", "gradient_accumulation_steps"):
-        del settings[key]
-    settings.update({"bf16": {"enabled": False}, "fp16": {"enabled": False}})  # what accelerate's launch resolves
-    plugin = DeepSpeedPlugin(hf_ds_config=settings)
-    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
     cfg = load_config(None, ["training.max_grad_norm=0.3", "training.per_device_batch_size=3",
                              "training.gradient_accumulation_steps=2"])
-    fill_deepspeed_config(accelerator, cfg)
-    filled = plugin.deepspeed_config
-    assert (filled["gradient_clipping"], filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
-            filled["train_batch_size"]) == (0.3, 3, 2, 12)
+    for name in [name for name in os.environ if name.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(name)  # the plugin would fill "auto" entries from them (an accelerate launch sets them)
+    for missing in (("gradient_clipping", "train_batch_size"), ("gradient_accumulation_steps",)):
+        settings = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+        for key in missing:
+            del settings[key]
+        settings.update({"bf16": {"enabled": False}, "fp16": {"enabled": False}})  # what accelerate's launch resolves
+        plugin = DeepSpeedPlugin(hf_ds_config=settings)
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
+        if "gradient_clipping" in missing:
+            fill_deepspeed_config(accelerator, cfg)
+            filled = plugin.deepspeed_config
+            assert (filled["gradient_clipping"], filled["train_micro_batch_size_per_gpu"],
+                    filled["gradient_accumulation_steps"], filled["train_batch_size"]) == (0.3, 3, 2, 12)
+        else:
+            with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 vs arg gradient_accumulation_steps=2"):
+                fill_deepspeed_config(accelerator, cfg)
 
 
 def test_zero3_adapter_loads_onto_base(single, tiny_model_dir, tmp_path):
