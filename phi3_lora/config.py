@@ -345,7 +345,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     if key in all_keys() and _is_text(key):
-        return key, None if raw.strip() in ("", "null", "~") else raw.strip()
+        text = raw.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return key, text[1:-1]  # quoted as YAML would be: the text inside
+        return key, None if text in ("", "null", "~") else text
     try:
         value = _read_yaml_value(raw) if raw.strip() else None
     except yaml.YAMLError:

@@ -71,8 +71,9 @@ def test_text_settings_keep_their_text(tmp_path):
     text setting takes the text as typed; in a recipe an unquoted number or date is an error asking for quotes.
     An empty, null or ~ override unsets an optional one; a section with every entry commented out is empty."""
     cfg = load_config(None, ["model.revision=1.10", "data.split=1:30", "output_dir=2024-06-01",
-                             "model.tokenizer=null", "data.eval_path="])
+                             "model.tokenizer=null", "data.eval_path=", "data.eval_split='0123'"])
     assert (cfg.model.revision, cfg.data.split, cfg.output_dir) == ("1.10", "1:30", "2024-06-01")
+    assert cfg.data.eval_split == "0123"  # quoted as in YAML: the text inside
     assert cfg.model.tokenizer is None and cfg.data.eval_path is None
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  revision: 0123\n")
