@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import math
+import re
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +54,6 @@ def use_chat_template(tokenizer, which: str) -> None:
 def control_token_finder(tokenizer):
     """``find(text)``: the first string in ``text`` that the tokenizer reads as one of its added (control) tokens,
     ``<|end|>``, ``<|assistant|>``, ``<s>``..., or None. Such text in a message would act as that token."""
-    import re
-
     controls = sorted({t.content for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
     pattern = re.compile("|".join(map(re.escape, controls))) if controls else None
 
@@ -180,8 +182,6 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: Data
 
 def fingerprint(split: TokenizedSplit) -> str:
     """SHA-256 of the examples' token ids and labels, in order: what a checkpoint's data position refers to."""
-    from array import array
-
     digest = hashlib.sha256()
     for batch in split.dataset.iter(batch_size=1000):
         for ids, labels in zip(batch["input_ids"], batch["labels"]):
@@ -232,9 +232,6 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
 def _rows_to_hold_out(conversations: list[list[dict]], n_eval: int, seed: int, cfg: DataConfig) -> list[int]:
     """``n_eval`` rows drawn at random (``seed``) among the conversations that occur once in the file: a
     repeated one would land in both splits, and its evaluation would measure memorisation."""
-    import json
-    from collections import Counter
-
     keys = [json.dumps(c, sort_keys=True) for c in conversations]
     counts = Counter(keys)
     once = [i for i, key in enumerate(keys) if counts[key] == 1]

@@ -30,10 +30,9 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
     if adapter is not None:
         check_adapter_dir(adapter)
     if config is None and adapter is not None:
-        beside = Path(adapter).parent / "config.yaml"
-        if beside.is_file():
-            config = str(beside)
-        elif model is None:  # the demo recipe would rebuild some other base
+        config = config_beside(adapter)
+        if config is None and model is None:  # the demo recipe would rebuild some other base
+            beside = Path(adapter).parent / "config.yaml"
             raise ConfigError(f"--adapter {adapter}: no run config.yaml beside it ({beside}); pass the run's "
                               "--config, or --model for the base it was trained on")
     extra = [f"model.name_or_path={model}"] if model else []
@@ -43,7 +42,13 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
 def has_run_config(config: str | None, adapter: str | None) -> bool:
     """Whether ``run_config`` reads a run's settings (``config``, or config.yaml beside ``adapter``), not the
     embedded demo recipe's, whose data and output_dir belong to no run of the user's."""
-    return config is not None or (adapter is not None and (Path(adapter).parent / "config.yaml").is_file())
+    return config is not None or (adapter is not None and config_beside(adapter) is not None)
+
+
+def config_beside(adapter: str) -> Path | None:
+    """The run's config.yaml next to its adapter directory (``OUTPUT_DIR/adapter``), if there is one."""
+    path = Path(adapter).parent / "config.yaml"
+    return path if path.is_file() else None
 
 
 def quantization_override(load_in_4bit: bool) -> list[str]:

@@ -666,7 +666,8 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         if not path.is_dir():
             raise ckpt.CheckpointError(f"training.resume_from: {path} is not a directory")
     ckpt.verify_checkpoint(path)
-    later = [c.name for c in found if ckpt.saved_step(c) > ckpt.saved_step(path)]
+    resumed_step = ckpt.saved_step(path)
+    later = [c.name for c in found if ckpt.saved_step(c) > resumed_step]
     if later:
         raise ConfigError(f"cannot resume {path}: {cfg.output_dir} also holds later checkpoints ({', '.join(later)}) "
                           "of the run this one would leave behind, which rotation and resume_from=auto would take for "

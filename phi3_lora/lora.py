@@ -12,6 +12,8 @@ care which.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import ConfigError, LoraConfig
@@ -130,8 +132,6 @@ def load_adapter_dir(model, directory) -> None:
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts: 4-bit weights count as their unpacked size (whatever dtype packs
     them), parameters that ZeRO-3 partitioned as loaded as their whole size."""
-    import math
-
     trainable = total = 0
     for p in model.parameters():
         quant_state = getattr(p, "quant_state", None)

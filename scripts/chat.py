@@ -53,9 +53,8 @@ def main(argv=None):
     tokenizer = load_tokenizer_for(cfg)
     start = [{"role": "system", "content": args.system}] if args.system else []
     find_control_token = control_token_finder(tokenizer)
-    if args.system and find_control_token(args.system):
-        raise DataError(f"--system contains '{find_control_token(args.system)}', which the tokenizer reads as a "
-                        "control token, not as text")
+    if args.system and (token := find_control_token(args.system)):
+        raise DataError(f"--system contains '{token}', which the tokenizer reads as a control token, not as text")
     encode_prompts(tokenizer, [start + [{"role": "user", "content": "hi"}]])  # a template without a system role
     model = load_for_inference(cfg, tokenizer, args.adapter)
     if torch.cuda.is_available() and not args.load_in_4bit:
@@ -83,8 +82,8 @@ def main(argv=None):
             continue
         if not text:
             continue
-        if find_control_token(text):
-            print(f"(not sent: '{find_control_token(text)}' would reach the model as a control token, not as text)",
+        if token := find_control_token(text):
+            print(f"(not sent: '{token}' would reach the model as a control token, not as text)",
                   flush=True)
             continue
         try:
