@@ -154,8 +154,9 @@ def loss_chunk_size(cfg: Config, accelerator) -> int:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     requested = cfg.training.loss_chunk_size
-    chunk_size = effective_chunk_size(requested, 3 if is_deepspeed_zero3_enabled() else 0)
-    if chunk_size != requested:
+    chunk_size = effective_chunk_size(requested, 3 if is_deepspeed_zero3_enabled() else 0,
+                                      on_gpu=accelerator.device.type != "cpu")
+    if chunk_size == 0 and requested != 0:
         accelerator.print("training.loss_chunk_size: off under ZeRO-3 (lm_head is partitioned); "
                           "the loss is computed from whole logits")
     return chunk_size

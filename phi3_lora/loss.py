@@ -1,6 +1,7 @@
 """The training loss: the sum of next-token cross-entropies over the supervised tokens of a batch.
 
-Two ways to compute the same number, chosen by ``training.loss_chunk_size`` (1024 by default):
+Two ways to compute the same number, chosen by ``training.loss_chunk_size`` (by default 1024 on a
+GPU, 128 on the CPU: ``config.effective_chunk_size``):
 
 - ``chunk_size=0``: the model returns logits for every position, as Hugging Face
   does; cross-entropy upcasts them to fp32. For Phi-3's 32,064-word vocabulary that is

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from phi3_lora import data as data_lib  # noqa: E402
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
-from phi3_lora.config import ConfigError  # noqa: E402
+from phi3_lora.config import ConfigError, effective_chunk_size  # noqa: E402
 from phi3_lora.generate import (GenerationSettings, answer_prompts, check_prompts, disabled_adapter,  # noqa: E402
                                 read_prompts, score)
 from phi3_lora.inference import (dataset_loss, has_run_config, load_for_inference, load_tokenizer_for,  # noqa: E402
@@ -151,7 +151,8 @@ def main(argv=None):
     results = {"adapter": args.adapter, "model": cfg.model.name_or_path}
 
     if split is not None:
-        batching = (tokenizer.pad_token_id, cfg.training.per_device_eval_batch_size, cfg.training.loss_chunk_size)
+        chunk_size = effective_chunk_size(cfg.training.loss_chunk_size, 0, on_gpu=torch.cuda.is_available())
+        batching = (tokenizer.pad_token_id, cfg.training.per_device_eval_batch_size, chunk_size)
         loss, tokens = dataset_loss(model, split, *batching)
         results.update({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)),
                         "eval_examples": len(split), "eval_supervised_tokens": tokens})

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FAST, in_process_trainer
-from phi3_lora.config import load_config
+from phi3_lora.config import effective_chunk_size, load_config
 from phi3_lora.loss import supervised_tokens, token_loss_sum
 
 
@@ -124,6 +124,19 @@ def lm_head_rows(trainer, monkeypatch):
         return real(hidden, weight, bias)
     monkeypatch.setattr(loss, "chunk_logits", counted)
     return module_rows, chunk_rows
+
+
+def test_chunk_size_default_depends_on_the_device(tmp_path):
+    """Unset, the chunk is 128 tokens on the CPU and 1024 on a GPU; a value the user sets is kept; ZeRO-3
+    always computes whole logits."""
+    assert effective_chunk_size(None, 0, on_gpu=False) == 128
+    assert effective_chunk_size(None, 0, on_gpu=True) == 1024
+    assert effective_chunk_size(64, 0, on_gpu=False) == effective_chunk_size(64, 0, on_gpu=True) == 64
+    assert effective_chunk_size(0, 0, on_gpu=False) == 0
+    assert effective_chunk_size(None, 3, on_gpu=True) == effective_chunk_size(64, 3, on_gpu=False) == 0
+    default = fresh_trainer(tmp_path / "default")
+    assert default.loss_chunk_size == (128 if default.accelerator.device.type == "cpu" else 1024)
+    assert fresh_trainer(tmp_path / "set", "training.loss_chunk_size=300").loss_chunk_size == 300
 
 
 @pytest.mark.parametrize("packing", [False, True])
