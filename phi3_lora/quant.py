@@ -23,16 +23,22 @@ What "preparing a k-bit model for training" means here, and why it is less than 
   (``model.enable_gradient_checkpointing``), so that checkpointed blocks on a frozen base
   still pass gradients to the adapters.
 
+``bitsandbytes_unused`` says when a run cannot need bitsandbytes at all, so that the training
+script can skip its import (peft imports it whenever it is installed, and the import compiles
+kernels: about a second on a CPU).
+
 Nothing here knows about processes or ranks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import TINY_MODEL, Config, ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,21 @@ def require_bitsandbytes(what: str) -> None:
 
 def is_quantized(cfg: ModelConfig) -> bool:
     return cfg.load_in_4bit or cfg.load_in_8bit
+
+
+def bitsandbytes_unused(cfg: Config) -> bool:
+    """True when the run cannot touch bitsandbytes: nothing is quantized, the optimizer is PyTorch's AdamW,
+    and the base is the tiny model or a local checkpoint whose ``config.json`` was not saved quantized.
+    False for a hub id (it may name a quantized checkpoint) and whenever in doubt."""
+    if is_quantized(cfg.model) or cfg.training.optimizer != "adamw_torch":
+        return False
+    if cfg.model.name_or_path == TINY_MODEL:
+        return True
+    try:
+        saved = json.loads((Path(cfg.model.name_or_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and "quantization_config" not in saved
 
 
 def quantization_setting(cfg: ModelConfig) -> str:

@@ -23,6 +23,9 @@ from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E40
 def main(argv=None):
     args = config_parser(__doc__).parse_args(argv)
     cfg = config_from_args(args)
+    from phi3_lora.quant import bitsandbytes_unused
+    if bitsandbytes_unused(cfg):  # peft would import it anyway, and its import compiles kernels (~1 s on a CPU)
+        sys.modules.setdefault("bitsandbytes", None)  # an import of it now raises ImportError, as if absent
     from phi3_lora.loop import PreemptionFlag, Trainer  # after the config is checked: --help answers in a second
     with PreemptionFlag(cfg.training.preemption_signals) as preemption:  # from here on a signal stops it cleanly
         Trainer(cfg, preemption).train()

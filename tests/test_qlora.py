@@ -286,6 +286,41 @@ def test_missing_bitsandbytes_cli_exits_with_one_line(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
+def test_bitsandbytes_is_unused_only_when_nothing_can_need_it(tmp_path):
+    from phi3_lora.quant import bitsandbytes_unused
+    plain_dir, quantized_dir, no_config_dir = (tmp_path / name for name in ("plain", "quantized", "empty"))
+    for folder in (plain_dir, quantized_dir, no_config_dir):
+        folder.mkdir()
+    (plain_dir / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    (quantized_dir / "config.json").write_text(json.dumps({"model_type": "phi3",
+                                                            "quantization_config": {"load_in_4bit": True}}))
+
+    def unused(*overrides, base=None):
+        cfg = load_config(None, list(overrides))
+        if base is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(base)))
+        return bitsandbytes_unused(cfg)
+
+    assert unused() and unused(base=plain_dir)
+    assert not unused("model.load_in_4bit=true") and not unused("model.load_in_8bit=true")
+    assert not unused("training.optimizer=adamw_8bit") and not unused("training.optimizer=paged_adamw_32bit")
+    assert not unused(base=quantized_dir)  # saved quantized: transformers loads it with bitsandbytes
+    assert not unused(base=no_config_dir) and not unused(base="microsoft/Phi-3-mini-4k-instruct")  # in doubt
+
+
+def test_train_script_skips_the_bitsandbytes_import_when_unused(tmp_path):
+    """A run with nothing quantized and PyTorch's AdamW trains without importing bitsandbytes (peft would
+    import it, about a second); the QLoRA runs above show it is still there when needed."""
+    needs_bitsandbytes()
+    code = ("import atexit, runpy, sys; "
+            "atexit.register(lambda: print('bitsandbytes imported:', sys.modules.get('bitsandbytes') is not None)); "
+            f"sys.argv = [{str(TRAIN)!r}, 'output_dir={tmp_path}', 'data.demo_size=40', 'training.max_steps=2']; "
+            f"runpy.run_path({str(TRAIN)!r}, run_name='__main__')")
+    proc = run_script([sys.executable, "-c", code], timeout=300)
+    assert proc.stdout.splitlines()[-1] == "bitsandbytes imported: False"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(monkeypatch, caplog):
     from phi3_lora.model import resolve_dtype
     # mock: CUDA cannot run here. A pre-Ampere GPU: bf16 only through emulation.
