@@ -488,13 +488,11 @@ GPU_LOSS_CHUNK, CPU_LOSS_CHUNK = 1024, 128  # training.loss_chunk_size's default
 
 
 def effective_chunk_size(requested: int | None, zero_stage: int, on_gpu: bool = True) -> int:
-    """The chunk size a run uses: ``requested``; by default (None) 1024 on a GPU and 128 on the CPU, where
-    a chunk's logits (16 MB in fp32) stay in cache for the softmax and the second matmul: in
-    ``benchmarks/bench_cpu.py``'s setting (rows of 512, batch 8) steps took 15% less time than with 1024, at
-    seq 4096 batch 1 (``benchmarks/bench_levers.py``) 0-5% less, within the noise, with a lower peak RSS; on
-    a GPU small chunks would only add kernel launches. 0 (whole logits) under
-    ZeRO-3, where lm_head is partitioned and gathered by DeepSpeed's hooks only inside the model's forward, and
-    each chunk would be a collective that processes with different token counts could not match."""
+    """The chunk size a run uses: ``requested``; by default (None) 1024 on a GPU and 128 on the CPU, where a
+    chunk's logits (16 MB in fp32) stay in cache between the softmax and the second matmul (the README's
+    "Memory and speed levers" gives the benchmarks); 0 (whole logits) under ZeRO-3, where lm_head is
+    partitioned and gathered by DeepSpeed's hooks only inside the model's forward, and each chunk would be a
+    collective that processes with different token counts could not match."""
     if zero_stage == 3:
         return 0
     if requested is None:
