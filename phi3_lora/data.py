@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DataConfig
-from .formats import DataError, detect_format, is_single_file, read_rows, to_messages
+from .formats import DataError, detect_format, is_single_file, read_rows, row_name, to_messages
 from .tiny import PHI3_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,21 @@ def use_chat_template(tokenizer, which: str) -> None:
     """Select the template: the tokenizer's own, or the built-in Phi-3 one (``data.chat_template``)."""
     if which == "phi3" or tokenizer.chat_template is None:
         tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+
+
+def drops_system_message(tokenizer) -> bool:
+    """Whether the chat template leaves a system message out (the original Phi-3-mini template has no system
+    role), probed with a text found nowhere else: a system prompt repeated in a user turn would hide the drop."""
+    probe = "phi3-lora system probe 7f3c"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": probe}, {"role": "user", "content": "u"},
+                                              {"role": "assistant", "content": "a"}], tokenize=False)
+    except Exception:  # a template may raise on a system role (jinja's raise_exception): it has none either
+        return True
+    return probe not in text
+
+
+SYSTEM_DROPPED = "the chat template drops the system message; set data.chat_template=phi3 to render it"
 
 
 def control_token_finder(tokenizer):
@@ -87,6 +102,7 @@ class ConversationEncoder:
         self.max_len = max_len
         self.end_id = end_of_turn_id(tokenizer)
         self.find_control_token = control_token_finder(tokenizer)
+        self._drops_system = None  # probed at the first system message
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -96,6 +112,11 @@ class ConversationEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _check_texts(self, messages: list[dict], full: str, where: str) -> None:
+        if messages[0]["role"] == "system":
+            if self._drops_system is None:
+                self._drops_system = drops_system_message(self.tokenizer)
+            if self._drops_system:
+                raise DataError(f"{where}: {SYSTEM_DROPPED}")
         for m in messages:
             if m["content"] and m["content"] not in full:
                 raise DataError(f"{where}: the chat template drops the {m['role']} message; "
@@ -138,27 +159,28 @@ class TokenizedSplit:
         return len(self.dataset)
 
 
-def _normalise(rows, fmt: str, source: str) -> list[list[dict]]:
+def _normalise(rows, fmt: str, source: str) -> tuple[list[list[dict]], list[str]]:
+    """The rows as messages, and each row's place in ``source`` (``row_name``) for errors."""
     if len(rows) == 0:
         raise DataError(f"{source}: no rows")
-    fmt = detect_format(rows[0], f"{source} row 0") if fmt == "auto" else fmt
-    return [to_messages(row, fmt, f"{source} row {i}") for i, row in enumerate(rows)]
+    places = [row_name(rows, i) for i in range(len(rows))]
+    fmt = detect_format(rows[0], f"{source} {places[0]}") if fmt == "auto" else fmt
+    return [to_messages(row, fmt, f"{source} {place}") for row, place in zip(rows, places)], places
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, cfg: DataConfig, source: str,
-                           rows: list[int] | None = None) -> TokenizedSplit:
+                           places: list[str]) -> TokenizedSplit:
     """Encode conversations with ``datasets.map`` and apply ``data.max_seq_len`` / ``data.overlong``.
 
-    ``rows``: each conversation's row in ``source``, for errors (default: their order)."""
+    ``places``: each conversation's place in ``source`` (``row 3``, ``line 4``), for errors."""
     import datasets
 
     encoder = ConversationEncoder(tokenizer, cfg.train_on_prompt, max_len=cfg.max_seq_len)
-    rows = rows if rows is not None else list(range(len(conversations)))
     table = datasets.Dataset.from_dict({"messages": conversations,
                                         "example_id": list(range(len(conversations)))})
 
     def encode(row):
-        out = encoder.encode(row["messages"], f"{source} row {rows[row['example_id']]}")
+        out = encoder.encode(row["messages"], f"{source} {places[row['example_id']]}")
         n = len(out["input_ids"])
         out["was_truncated"] = n > cfg.max_seq_len
         if n > cfg.max_seq_len:
@@ -205,26 +227,24 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TokenizedSpli
                                     "all of it is the evaluation set" if cfg.eval_path else
                                     f"holding out data.eval_size={cfg.eval_size:g} of its rows instead"
                                     if cfg.eval_size > 0 else "no evaluation (data.eval_size=0)")
-    rows = read_rows(cfg.path, cfg.split, cfg.demo_size, seed=0)
-    conversations = _normalise(rows, cfg.format, cfg.path)
-    train_rows = list(range(len(conversations)))
-    eval_conversations, eval_rows, eval_source = None, None, cfg.path
+    conversations, places = _normalise(read_rows(cfg.path, cfg.split, cfg.demo_size, seed=0), cfg.format, cfg.path)
+    eval_conversations, eval_places, eval_source = None, None, cfg.path
     if cfg.eval_path or eval_split:
         eval_source = cfg.eval_path or f"{cfg.path}[{eval_split}]"
-        eval_conversations = _normalise(read_rows(cfg.eval_path or cfg.path, eval_split or cfg.split,
-                                                  cfg.demo_size, seed=1), cfg.format, eval_source)
+        eval_conversations, eval_places = _normalise(read_rows(cfg.eval_path or cfg.path, eval_split or cfg.split,
+                                                               cfg.demo_size, seed=1), cfg.format, eval_source)
     else:
         n_eval = _held_out_count(len(conversations), cfg.eval_size)
-        if n_eval:  # rows held out of the training file keep their row numbers there, for errors
+        if n_eval:  # rows held out of the training file keep their places there, for errors
             eval_rows = _rows_to_hold_out(conversations, n_eval, seed, cfg)
             held_out = set(eval_rows)
             train_rows = [i for i in range(len(conversations)) if i not in held_out]
-            eval_conversations = [conversations[i] for i in eval_rows]
-            conversations = [conversations[i] for i in train_rows]
-    train = tokenize_conversations(conversations, tokenizer, cfg, cfg.path, rows=train_rows)
+            eval_conversations, eval_places = [conversations[i] for i in eval_rows], [places[i] for i in eval_rows]
+            conversations, places = [conversations[i] for i in train_rows], [places[i] for i in train_rows]
+    train = tokenize_conversations(conversations, tokenizer, cfg, cfg.path, places)
     evaluation = None
     if eval_conversations:
-        evaluation = tokenize_conversations(eval_conversations, tokenizer, cfg, eval_source, rows=eval_rows)
+        evaluation = tokenize_conversations(eval_conversations, tokenizer, cfg, eval_source, eval_places)
         evaluation = without_copies_of(train, evaluation, eval_source)
     return train, evaluation
 

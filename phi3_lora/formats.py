@@ -7,7 +7,7 @@ says which:
 * ``sharegpt`` — ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}], "system"?: str}``
 * ``alpaca``   — ``{"instruction": str, "input"?: str, "output": str}``
 
-A bad row raises ``DataError`` naming the file, the row (or line) and what is wrong.
+A bad row raises ``DataError`` naming the file, its place there (``row_name``) and what is wrong.
 """
 
 from __future__ import annotations
@@ -33,6 +33,19 @@ SINGLE_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 def is_single_file(path: str) -> bool:
     return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+class LineRows(list):
+    """The rows of a JSON Lines file, with the line (from 1) each came from."""
+
+    def __init__(self, rows: list[dict], lines: list[int]):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def row_name(rows, i: int) -> str:
+    """Where row ``i`` of ``rows`` is in its file, for errors: ``line N`` in JSON Lines, else ``row i`` (from 0)."""
+    return f"line {rows.lines[i]}" if isinstance(rows, LineRows) else f"row {i}"
 
 
 def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int = 0) -> list[dict] | Any:
@@ -82,8 +95,8 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
 
 
 def _read_json(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a byte-order mark, as some editors write, is not part of the JSON
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[:err.start].count(b"\n") + 1
         raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
@@ -101,20 +114,28 @@ def _read_json(path: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
     else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+        rows, lines = [], []
+        for lineno, line in json_lines(text):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+            lines.append(lineno)
+        rows = LineRows(rows, lines)
     if not rows:
         raise DataError(f"{path}: no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path} {row_name(rows, i)}: expected a JSON object, got {type(row).__name__}")
     return rows
+
+
+def json_lines(text: str):
+    """``(line number from 1, line)`` for each non-blank line of JSON Lines text. Lines end at ``\\n`` only:
+    ``str.splitlines`` would also cut at U+2028, U+2029 and U+0085, which JSON strings may hold unescaped."""
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield lineno, line
 
 
 def detect_format(row: dict, where: str) -> str:
@@ -132,21 +153,19 @@ def detect_format(row: dict, where: str) -> str:
 def to_messages(row: dict, fmt: str, where: str) -> list[dict[str, str]]:
     """Normalise one row to ``[{"role", "content"}, ...]`` and check it is a trainable conversation."""
     if fmt == "messages":
-        turns = row.get("messages")
-        if not isinstance(turns, list):
-            raise DataError(f"{where}: 'messages' must be a list")
-        messages = []
+        turns = _turn_list(row, "messages", where)
+        messages, names = [], []
         for j, turn in enumerate(turns):
             if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
                 raise DataError(f"{where}: message {j} needs 'role' and 'content'")
             messages.append({"role": turn["role"], "content": turn["content"]})
+            names.append(f"message {j}")
     elif fmt == "sharegpt":
-        turns = row.get("conversations")
-        if not isinstance(turns, list):
-            raise DataError(f"{where}: 'conversations' must be a list")
-        messages = []
+        turns = _turn_list(row, "conversations", where)
+        messages, names = [], []
         if row.get("system"):
             messages.append({"role": "system", "content": row["system"]})
+            names.append("'system'")
         for j, turn in enumerate(turns):
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
                 raise DataError(f"{where}: conversation turn {j} needs 'from' and 'value'")
@@ -154,29 +173,51 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict[str, str]]:
             if role is None:
                 raise DataError(f"{where}: turn {j} has unknown speaker '{turn['from']}'")
             messages.append({"role": role, "content": turn["value"]})
+            names.append(f"turn {j}")
     elif fmt == "alpaca":
-        instruction, output = row.get("instruction"), row.get("output")
+        instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input")
         if not isinstance(instruction, str) or not isinstance(output, str):
-            raise DataError(f"{where}: alpaca rows need string 'instruction' and 'output'")
-        prompt = instruction + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+            raise DataError(f"{where}: alpaca rows need string 'instruction' and 'output'{_format_hint(row, fmt)}")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{where}: alpaca 'input' must be a string, got {type(extra).__name__}")
+        prompt = instruction + (f"\n\n{extra}" if extra else "")
+        messages, names = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}], None
     else:
         raise DataError(f"{where}: unknown format '{fmt}'")
-    return check_conversation(messages, where)
+    return check_conversation(messages, where, names)
 
 
-def check_conversation(messages: list[dict], where: str) -> list[dict]:
-    """Roles known, contents strings, system first, and at least one non-empty assistant turn."""
+def _turn_list(row: dict, key: str, where: str) -> list:
+    if key not in row:
+        raise DataError(f"{where}: no '{key}'{_format_hint(row, 'messages' if key == 'messages' else 'sharegpt')}")
+    if not isinstance(row[key], list):
+        raise DataError(f"{where}: '{key}' must be a list")
+    return row[key]
+
+
+def _format_hint(row: dict, fmt: str) -> str:
+    """For a row without its format's keys: the format came from the first row (or data.format)."""
+    return f" (this file's rows are read as {fmt}, from its first row or data.format; this row has keys {sorted(row)})"
+
+
+def check_conversation(messages: list[dict], where: str, names: list[str] | None = None) -> list[dict]:
+    """Roles known, contents strings, system first, user and assistant turns alternating from a user turn,
+    and at least one non-empty assistant turn. ``names``: each message's name in the row, for errors."""
+    names = names or [f"message {j}" for j in range(len(messages))]
     for j, m in enumerate(messages):
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {j} has unknown role '{m['role']}' (expected {', '.join(ROLES)})")
+            raise DataError(f"{where}: {names[j]} has unknown role '{m['role']}' (expected {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {j} content must be a string, got {type(m['content']).__name__}")
+            raise DataError(f"{where}: {names[j]} content must be a string, got {type(m['content']).__name__}")
         if m["role"] == "system" and j != 0:
-            raise DataError(f"{where}: a system message may only come first (found at message {j})")
+            raise DataError(f"{where}: a system message may only come first (found at {names[j]})")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: no assistant turn to learn from")
     first = 1 if messages[0]["role"] == "system" else 0
     if len(messages) <= first or messages[first]["role"] != "user":
         raise DataError(f"{where}: the conversation must start with a user turn")
+    for j in range(first + 1, len(messages)):
+        if messages[j]["role"] == messages[j - 1]["role"]:  # Phi-3's template: one turn with no header, or an empty one
+            raise DataError(f"{where}: {names[j - 1]} and {names[j]} are both {messages[j]['role']} turns; user and "
+                            "assistant turns must alternate (merge the two)")
     return messages

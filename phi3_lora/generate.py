@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .formats import DataError, check_conversation
+from .formats import DataError, check_conversation, json_lines
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>", "<|assistant|>")
 
@@ -104,9 +104,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"prompts file not found: {path}")
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in json_lines(path.read_text(encoding="utf-8-sig")):
         where = f"{path} line {lineno}"
         try:
             row = json.loads(line)
@@ -164,10 +162,11 @@ def check_prompts(tokenizer, prompts: list[Prompt]) -> None:
 
 def encode_prompts(tokenizer, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
     """Render with the chat template + generation prompt and tokenize, padded on the left."""
+    from .data import SYSTEM_DROPPED, drops_system_message
+
+    if any(c[0]["role"] == "system" for c in conversations) and drops_system_message(tokenizer):
+        raise DataError(SYSTEM_DROPPED)
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    for conversation, text in zip(conversations, texts):
-        if conversation[0]["role"] == "system" and conversation[0]["content"] not in text:
-            raise DataError("the chat template drops the system prompt; set data.chat_template=phi3 to render it")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

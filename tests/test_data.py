@@ -68,7 +68,7 @@ def test_a_control_token_written_in_a_message_is_an_error(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(_chat(f"question {i}" + (" <s>" if i == 5 else ""))) for i in range(8)))
     cfg = load_config(None, [f"data.path={path}", "data.eval_size=0"])
-    with pytest.raises(DataError, match=r"d.jsonl row 5: message 0 \(user\) contains '<s>'"):
+    with pytest.raises(DataError, match=r"d.jsonl line 6: message 0 \(user\) contains '<s>'"):
         build_datasets(cfg.data, tok, seed=0)
     assert ConversationEncoder(tok).encode([{"role": "user", "content": "a < s > b <|end"},
                                             {"role": "assistant", "content": "ok"}], "fine")["input_ids"]
@@ -173,6 +173,16 @@ def test_template_that_drops_system_prompt_fails_loudly(phi3_tokenizer):
     tok = AutoTokenizer.from_pretrained(str(shared_path("phi3-tokenizer", "hf")))  # its own template
     with pytest.raises(DataError, match="drops the system message; set data.chat_template=phi3"):
         ConversationEncoder(tok).encode(CONVERSATION, "row 3")
+    # the system text repeated in the user turn: still found missing (it used to pass, the system turn dropped)
+    repeated = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Be brief. What is 2+2?"},
+                {"role": "assistant", "content": "4"}]
+    assert "<|system|>" not in tok.apply_chat_template(repeated, tokenize=False)
+    with pytest.raises(DataError, match="^row 4: the chat template drops the system message"):
+        ConversationEncoder(tok).encode(repeated, "row 4")
+    use_chat_template(tok, "phi3")
+    out = ConversationEncoder(tok).encode(repeated, "row 4")
+    assert out["input_ids"][1] == tok.convert_tokens_to_ids("<|system|>")
+    assert tok.decode(out["input_ids"]).count("Be brief.") == 2
 
 
 # Templates that break the encoder's two assumptions: the conversation up to an assistant turn, rendered with
@@ -212,6 +222,21 @@ def test_a_template_the_label_mask_cannot_follow_fails_loudly(template, message)
     ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
                    {"role": "assistant", "content": "b"}]}, "messages",
      r"a system message may only come first \(found at message 1\)"),
+    ({"instruction": "a", "input": 7, "output": "b"}, "alpaca", "alpaca 'input' must be a string, got int"),
+    ({"instruction": "a", "input": [], "output": "b"}, "alpaca", "alpaca 'input' must be a string, got list"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "messages",
+     r"row 7: message 0 and message 1 are both user turns; user and assistant turns must alternate"),
+    ({"system": "s", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                       {"from": "gpt", "value": "c"}]}, "sharegpt",
+     r"turn 1 and turn 2 are both assistant turns"),
+    ({"system": "s", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": 3}]}, "sharegpt",
+     r"row 7: turn 1 content must be a string, got int"),
+    ({"system": ["s"], "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+     "sharegpt", r"row 7: 'system' content must be a string, got list"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}, "messages",
+     r"row 7: no 'messages' \(this file's rows are read as messages, from its first row or data.format; this row "
+     r"has keys \['conversations'\]\)"),
 ])
 def test_bad_rows_name_row_and_problem(row, fmt, message):
     with pytest.raises(DataError, match=message):
@@ -239,7 +264,7 @@ def _chat(user="a", system=None):
      r"latin1.jsonl line 2: not UTF-8 text"),
     ("one.json", json.dumps(_chat(), indent=2).encode(), r"one.json: one JSON object; expected a list of rows"),
     ("rows.json", json.dumps([_chat(), [1, 2]]).encode(), r"rows.json row 1: expected a JSON object, got list"),
-    ("rows.jsonl", (json.dumps(_chat()) + "\n7\n").encode(), r"rows.jsonl row 1: expected a JSON object, got int"),
+    ("rows.jsonl", (json.dumps(_chat()) + "\n\n7\n").encode(), r"rows.jsonl line 3: expected a JSON object, got int"),
     ("missing.jsonl", None, r"data file not found: .*missing.jsonl"),
     ("rows.csv", b"user,assistant\nhi,hello\n",
      r"rows.csv: a file, but not .json, .jsonl or .parquet \(the suffix tells"),
@@ -254,6 +279,20 @@ def test_files_that_are_not_data_get_one_line_errors(tmp_path, name, content, me
     with pytest.raises(DataError, match=message) as err:
         read_rows(str(path))
     assert "\n" not in str(err.value)
+
+
+def test_json_lines_end_at_newlines_only_and_a_byte_order_mark_is_skipped(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (``ensure_ascii=False`` writes them so);
+    str.splitlines would cut a row there. Editors' UTF-8 byte-order mark is not part of the JSON."""
+    texts = ["one\u2028two", "three\u2029four\u0085five"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(_chat(t), ensure_ascii=False) for t in texts) + "\n", encoding="utf-8")
+    assert [row["messages"][0]["content"] for row in read_rows(str(path))] == texts
+    for name, text in (("bom.json", json.dumps([_chat("x"), _chat("y")])),
+                       ("bom.jsonl", json.dumps(_chat("x")) + "\n" + json.dumps(_chat("y")))):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert (tmp_path / name).read_bytes()[:3] == b"\xef\xbb\xbf"
+        assert [row["messages"][0]["content"] for row in read_rows(str(tmp_path / name))] == ["x", "y"]
 
 
 def test_suffixes_are_read_in_any_case(tmp_path):
@@ -281,14 +320,14 @@ def test_split_names_do_not_apply_to_a_single_file_and_evaluation_is_held_out(tm
 
 def test_errors_in_held_out_rows_name_their_row_in_the_file(tmp_path):
     """Held-out evaluation rows are taken out of the file before tokenization; an error still names the row's
-    place in the file (row 30 here, the only one with a system message, which the tokenizer's template drops)."""
+    place in the file (line 31 here, the only one with a system message, which the tokenizer's template drops)."""
     path = tmp_path / "d.jsonl"
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(shared_path("phi3-tokenizer", "hf")))  # its own template, unchanged
     path.write_text("\n".join(json.dumps(_chat(str(i), system="Be brief." if i == 30 else None)) for i in range(40)))
     for eval_size in (0, 4, 0.5):
         cfg = load_config(None, [f"data.path={path}", f"data.eval_size={eval_size}", "data.chat_template=tokenizer"])
-        with pytest.raises(DataError, match=r"d.jsonl row 30: the chat template drops the system message"):
+        with pytest.raises(DataError, match=r"d.jsonl line 31: the chat template drops the system message"):
             build_datasets(cfg.data, tok, seed=0)
 
 

@@ -147,7 +147,7 @@ def bad_input_cases(tmp_path):
         (["training.learnin_rate=1e-4"], "error: unknown key 'training.learnin_rate' (command line) "
                                          "(did you mean 'training.learning_rate'?)"),
         ([f"data.path={malformed}"], f"error: {malformed} line 2: not valid JSON"),
-        ([f"data.path={no_assistant}"], f"error: {no_assistant} row 1: no assistant turn to learn from"),
+        ([f"data.path={no_assistant}"], f"error: {no_assistant} line 2: no assistant turn to learn from"),
         ([f"data.path={tmp_path / 'missing.jsonl'}"], f"error: data file not found: {tmp_path / 'missing.jsonl'}"),
         (["training.learning_rate=-1"], "error: training.learning_rate: must be greater than 0, got -1.0"),
         (["--config", str(tmp_path / "nope.yaml")], f"error: config file not found: {tmp_path / 'nope.yaml'}"),
