@@ -4,14 +4,15 @@
 safetensors in PEFT's format. Under ZeRO-3 each parameter is partitioned across processes, so
 collecting the adapter gathers the trainable parameters — only those — on every process (a
 collective); only the main process writes. Loading applies the file with ``strict=False`` and
-then *checks*: every key in the file must land on a parameter of the model (else the file is for
-another model, or its prefix is foreign), and every adapter parameter of the model must be
-covered; only missing base keys are expected. Prefixes of DDP (``module.``), torch.compile and
+then *checks*: every key in the file must land on an adapter parameter of the model (else the file
+is for another model, its prefix is foreign, or it would overwrite frozen base weights), and every
+adapter parameter of the model must be covered; only missing base keys are expected. Prefixes of DDP (``module.``), torch.compile and
 peft (``base_model.model.``, adapter names) are normalised first. A wrong shape names both ranks.
 
 **Resumable checkpoints** live in ``output_dir/checkpoints/step-NNNNNN/``: ``adapter/``, the
-optimizer and LR scheduler states, every process's RNG states, ``trainer_state.json`` (data
-position, step, tokens, eval history, a fingerprint of the settings) and ``config.yaml``.
+optimizer and LR scheduler states (and fp16's loss scale, ``scaler.json``), every process's RNG
+states, ``trainer_state.json`` (data position, step, tokens, eval history, a fingerprint of the
+settings) and ``config.yaml``.
 Under DeepSpeed the optimizer partitions are DeepSpeed's own files in ``deepspeed/``.
 
 **Atomic.** A checkpoint is written into a hidden temporary directory, fsynced, given a marker
@@ -123,8 +124,9 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> in
     """Apply an adapter state_dict with ``strict=False``, then check that it really landed.
 
     Raises:
-        CheckpointError: keys of the file match no parameter (another model, or a foreign prefix),
-            adapter parameters of the model are not in the file, or shapes differ (another rank).
+        CheckpointError: keys of the file match no parameter (another model, or a foreign prefix) or a
+            frozen base weight, adapter parameters of the model are not in the file, or shapes differ
+            (another rank).
     Returns:
         The number of base-model keys that were (expectedly) missing.
     """
@@ -136,6 +138,10 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> in
     if unexpected:
         raise CheckpointError(f"{source}: {len(unexpected)} of {len(renamed)} keys match no parameter of this "
                               f"model (another model, or a foreign prefix?), e.g. {', '.join(unexpected[:3])}")
+    frozen = sorted(set(renamed) - adapter)
+    if frozen:  # a key for a base weight would overwrite the frozen model it lands on
+        raise CheckpointError(f"{source}: {len(frozen)} keys are weights of the frozen base model, not adapter "
+                              f"parameters (an adapter file holds only adapter tensors), e.g. {', '.join(frozen[:3])}")
     missing = sorted(adapter - set(renamed))
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} adapter parameters of the model are not in the file, "
@@ -197,8 +203,11 @@ def _files(root: Path) -> list[Path]:
 
 
 def commit_directory(tmp: Path, target: Path, manifest: bool = False, extra: dict | None = None) -> None:
-    """fsync ``tmp``, optionally write the marker with every file's checksum, and rename it to ``target``."""
+    """fsync ``tmp`` (files and directories), optionally write the marker with every file's checksum, and
+    rename it to ``target``."""
     for path in _files(tmp):
+        _fsync(path)
+    for path in sorted(p for p in tmp.rglob("*") if p.is_dir()):  # their entries: a power loss keeps the files
         _fsync(path)
     if manifest:
         files = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
@@ -265,17 +274,22 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def saved_step(path: Path) -> int:
-    """The optimizer step a complete checkpoint was saved at."""
-    return json.loads((Path(path) / "trainer_state.json").read_text())["step"]
+    """The optimizer step a checkpoint directory (``step-NNNNNN``) was saved at, from its name: no file of an
+    old, unverified checkpoint is read to learn it."""
+    found = STEP_DIR.match(Path(path).name)
+    if not found:
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected a name like step-000100)")
+    return int(found.group(1))
 
 
 def remove_stale_temporaries(output_dir: str | Path) -> None:
-    """Delete what a crash left half-written (hidden directories under checkpoints/)."""
+    """Delete what a crash left half-written: hidden directories under checkpoints/, and the adapter's
+    (``.adapter.tmp``, ``.adapter.old``) in ``output_dir``."""
     root = checkpoints_root(output_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith("."):
-                shutil.rmtree(p, ignore_errors=True)
+    stale = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
+    stale += [Path(output_dir) / f".adapter.{suffix}" for suffix in ("tmp", "old")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -309,14 +323,23 @@ def rotate(output_dir: str | Path, keep: int, protected: set[Path]) -> list[Path
     if keep <= 0 or len(checkpoints) <= keep:
         return []
     keepers = set(checkpoints[-keep:]) | ({p.resolve() for p in protected} & set(checkpoints))
-    scored = [(json.loads((p / "trainer_state.json").read_text()).get("eval_loss_at_save"), p) for p in checkpoints]
-    scored = [(loss, p) for loss, p in scored if loss is not None]
+    scored = [(loss, p) for p in checkpoints if (loss := _eval_loss_at_save(p)) is not None]
     if scored:
         keepers.add(min(scored, key=lambda item: item[0])[1])
     removed = [p for p in checkpoints if p not in keepers]
     for p in removed:
         remove_directory(p)
     return removed
+
+
+def _eval_loss_at_save(path: Path) -> float | None:
+    """The eval loss a checkpoint was saved with, or None: not evaluated at its step, or its state unreadable
+    (a damaged old checkpoint is not ranked, and never stops the run that is saving)."""
+    try:
+        loss = json.loads((path / "trainer_state.json").read_text()).get("eval_loss_at_save")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return loss if isinstance(loss, (int, float)) else None
 
 
 # ----------------------------------------------------------------------------- RNG states

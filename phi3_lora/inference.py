@@ -2,8 +2,10 @@
 
 Evaluation, chat and merging need the exact base the adapter was trained on. For a hub or
 local model that is its name; for ``tiny-random-phi3`` it is rebuilt from the run's settings
-(``model.*`` and the seed in ``training.seed``), which is why the run's ``config.yaml`` is read:
-from ``--config``, else from next to the adapter (``OUTPUT_DIR/adapter`` → ``OUTPUT_DIR/config.yaml``).
+(``model.*`` and the seed in ``training.seed``), which is why the run's config is read: from
+``--config``, else the copy saved inside the adapter directory (``run_config.yaml``, written with the
+adapter, so it always belongs to it), else the run's ``config.yaml`` beside it (adapters saved before
+2026-12-06; ``OUTPUT_DIR/config.yaml`` is rewritten when a run starts, before its adapter is).
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_adapter_state, read_safetensors
 from .config import Config, ConfigError, load_config
+from .lora import RUN_CONFIG
 from .loss import supervised_tokens, token_loss_sum
-from .model import load_model, load_tokenizer
+from .model import load_model, load_tokenizer, resolve_dtype
 
 QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit")
 
 
 def run_config(config: str | None, overrides: list[str], adapter: str | None = None,
                model: str | None = None) -> Config:
-    """The settings to rebuild a run with: ``config``, else the run's config.yaml beside ``adapter``, else
+    """The settings to rebuild a run with: ``config``, else the run's config saved with ``adapter``, else
     the embedded demo recipe (an adapter with neither needs ``model``); then ``overrides``; ``model`` (a
     path or hub id) replaces ``model.name_or_path``."""
     if adapter is not None:
@@ -32,23 +35,24 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
     if config is None and adapter is not None:
         config = config_beside(adapter)
         if config is None and model is None:  # the demo recipe would rebuild some other base
-            beside = Path(adapter).parent / "config.yaml"
-            raise ConfigError(f"--adapter {adapter}: no run config.yaml beside it ({beside}); pass the run's "
-                              "--config, or --model for the base it was trained on")
+            raise ConfigError(f"--adapter {adapter}: no run config in it ({RUN_CONFIG}) or beside it (config.yaml); "
+                              "pass the run's --config, or --model for the base it was trained on")
     extra = [f"model.name_or_path={model}"] if model else []
     return load_config(config, [*overrides, *extra])
 
 
 def has_run_config(config: str | None, adapter: str | None) -> bool:
-    """Whether ``run_config`` reads a run's settings (``config``, or config.yaml beside ``adapter``), not the
+    """Whether ``run_config`` reads a run's settings (``config``, or the one saved with ``adapter``), not the
     embedded demo recipe's, whose data and output_dir belong to no run of the user's."""
     return config is not None or (adapter is not None and config_beside(adapter) is not None)
 
 
 def config_beside(adapter: str) -> Path | None:
-    """The run's config.yaml next to its adapter directory (``OUTPUT_DIR/adapter``), if there is one."""
-    path = Path(adapter).parent / "config.yaml"
-    return path if path.is_file() else None
+    """The run config saved in the adapter directory, else the run's config.yaml next to it, if any."""
+    for path in (Path(adapter) / RUN_CONFIG, Path(adapter).parent / "config.yaml"):
+        if path.is_file():
+            return path
+    return None
 
 
 def quantization_override(load_in_4bit: bool) -> list[str]:
@@ -81,8 +85,11 @@ def load_tokenizer_for(cfg: Config):
     return tokenizer
 
 
-def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None):
+def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None, dequantize: bool = False):
     """The base model of ``cfg`` in eval mode, with the PEFT adapter at ``adapter`` on top if given.
+
+    ``dequantize``: a 4/8-bit base is loaded as in training, then its weights are expanded to ``model.dtype``:
+    the weights a QLoRA adapter was trained on, in a form it can be merged into.
 
     The adapter goes through the training loop's checked loader, not ``PeftModel.from_pretrained`` (which
     loads with ``strict=False`` unchecked): a damaged file, or an adapter of another model or rank, is a
@@ -93,6 +100,8 @@ def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None
         weights = path / "adapter_model.safetensors"
         state = read_safetensors(weights)  # before loading the base: a damaged file fails at once
     model = load_model(cfg.model, tokenizer, seed=cfg.training.seed)
+    if dequantize:
+        model = model.dequantize().to(resolve_dtype(cfg.model.dtype))
     if adapter is not None:
         from peft import PeftConfig, PeftModel
         try:

@@ -222,6 +222,10 @@ class PreemptionFlag:
         self.restore()
 
 
+EVAL_SIGNAL_EVERY = 8  # evaluation batches between two checks for a preemption signal (an all-reduce each)
+SCALER_FILE = "scaler.json"  # a checkpoint's fp16 loss scale: without it a resumed run would skip steps anew
+
+
 class Trainer:
     """Fine-tunes a Phi-3 model with LoRA as ``cfg`` says. ``Trainer(cfg).train()`` is a whole run."""
 
@@ -371,6 +375,8 @@ class Trainer:
             bar.close()
             if not p.eval_losses or p.eval_losses[-1][0] != p.step:
                 self.evaluate()
+                if self._any_process_signalled(preemption):  # resuming evaluates again, then finishes
+                    self._stop_for_preemption(preemption.received)
             if t.save_steps:
                 self.save_checkpoint()
         finally:
@@ -475,13 +481,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-weighted loss over the whole evaluation set, all processes together."""
+        """Token-weighted loss over the whole evaluation set, all processes together; None without evaluation
+        data, or when a preemption signal stopped it: a long evaluation must not use up the grace time before
+        the kill that the checkpoint needs (checked every ``EVAL_SIGNAL_EVERY`` batches, by all processes)."""
         if self.eval_data is None:
             return None
         acc = self.accelerator
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for idx in self.eval_batches:
+        stopped = False
+        for n, idx in enumerate(self.eval_batches):
+            if n % EVAL_SIGNAL_EVERY == 0 and self.preemption is not None and \
+                    self._any_process_signalled(self.preemption):
+                stopped = True
+                break
             batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
             batch = to_device(batch, acc.device)
             with acc.autocast():
@@ -489,6 +502,10 @@ class Trainer:
             totals[1] += supervised_tokens(batch)
         if hasattr(self.model, "empty_partition_cache"):  # DeepSpeed: ZeRO-3 prefetched parameters for a
             self.model.empty_partition_cache()  # backward that never comes; gathering one in flight would fail
+        if stopped:
+            acc.print(f"step {self.progress.step}: evaluation stopped by "
+                      f"{signal.Signals(self.preemption.received).name}")
+            return None
         totals = acc.reduce(totals, "sum")
         loss = float(totals[0] / totals[1])
         self.progress.eval_losses.append((self.progress.step, loss))
@@ -505,7 +522,7 @@ class Trainer:
         state = ckpt.adapter_state_dict(peft_model)  # every process: a gather under ZeRO-3
         target = self.out / "adapter"
         if acc.is_main_process:
-            save_adapter(peft_model, state, target)
+            save_adapter(peft_model, state, target, run_config=self.cfg.to_yaml())
             self.tokenizer.save_pretrained(self.out / "tokenizer")
         acc.wait_for_everyone()
         return target
@@ -528,10 +545,12 @@ class Trainer:
         (tmp / "rng" / f"rank-{acc.process_index}.json").write_text(json.dumps(plain))
         save_file(tensors, str(tmp / "rng" / f"rank-{acc.process_index}.safetensors"))
         if acc.is_main_process:
-            write_adapter(peft_model, state, tmp / "adapter")
+            write_adapter(peft_model, state, tmp / "adapter", run_config=self.cfg.to_yaml())
             if not self.uses_deepspeed:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if acc.scaler is not None:  # fp16 loss scaling (a GPU, no DeepSpeed, which saves its own): scale, growth
+                (tmp / SCALER_FILE).write_text(json.dumps(acc.scaler.state_dict()))
             (tmp / "config.yaml").write_text(self.cfg.to_yaml())
             last_eval = p.eval_losses[-1] if p.eval_losses else None
             trainer_state = {**asdict(p), "num_processes": acc.num_processes, "fingerprint": self.cfg.fingerprint(),
@@ -573,6 +592,8 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")
             load_optimizer_state(self.optimizer, ckpt.torch_load(path / "optimizer.pt"))  # moved to the params
         self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
+        if acc.scaler is not None and (path / SCALER_FILE).is_file():  # else the scale starts afresh, at 2**16
+            acc.scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"
         if not rng_json.is_file():
             raise ckpt.CheckpointError(f"{rng_json}: file not found")

@@ -95,16 +95,20 @@ def skip_adapter_input_casts(model) -> None:
             layer.cast_input_dtype_enabled = False
 
 
-def save_adapter(model, state_dict: dict[str, torch.Tensor], target) -> None:
+RUN_CONFIG = "run_config.yaml"  # in each adapter directory: the settings that rebuild its base (``inference.py``)
+
+
+def save_adapter(model, state_dict: dict[str, torch.Tensor], target, run_config: str | None = None) -> None:
     """Write the adapter of the unwrapped ``model`` (state gathered by ``checkpoint.adapter_state_dict``)
-    to ``target`` atomically: PEFT format, plus the loralib state for a loralib model."""
+    to ``target`` atomically: PEFT format, plus the loralib state for a loralib model, and the run's
+    config (YAML text) as ``run_config.yaml`` when given."""
     from .checkpoint import atomic_directory
 
     with atomic_directory(target) as tmp:
-        write_adapter(model, state_dict, tmp)
+        write_adapter(model, state_dict, tmp, run_config)
 
 
-def write_adapter(model, state_dict: dict[str, torch.Tensor], directory) -> None:
+def write_adapter(model, state_dict: dict[str, torch.Tensor], directory, run_config: str | None = None) -> None:
     """``save_adapter`` into ``directory`` (one being assembled, e.g. inside a checkpoint)."""
     from pathlib import Path
 
@@ -116,6 +120,8 @@ def write_adapter(model, state_dict: dict[str, torch.Tensor], directory) -> None
         write_loralib_adapter(model, state_dict, directory)
     else:
         write_peft_adapter(model, state_dict, directory)
+    if run_config is not None:
+        (Path(directory) / RUN_CONFIG).write_text(run_config)
 
 
 def load_adapter_dir(model, directory) -> None:

@@ -9,7 +9,7 @@ Type a message and press Enter. /reset forgets the conversation (the system prom
 /exit (or end of input, Ctrl-D) quits. Answers stream token by token and stop on <|end|>,
 <|endoftext|> or <|assistant|> (ids from the tokenizer). Greedy unless --do_sample. A conversation
 longer than the model's context (less --max_new_tokens) leaves out its oldest exchanges, and says so.
-The base of a run of the tiny demo model is rebuilt from the run's config.yaml beside the adapter (or
+The base of a run of the tiny demo model is rebuilt from the run's config saved with the adapter (or
 --config).
 """
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from phi3_lora import data as data_lib  # noqa: E402
+from phi3_lora.checkpoint import STEP_DIR  # noqa: E402
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError, effective_chunk_size  # noqa: E402
 from phi3_lora.generate import (GenerationSettings, answer_prompts, check_prompts, disabled_adapter,  # noqa: E402
@@ -45,8 +46,9 @@ def parse_args(argv):
     parser.add_argument("--adapter", help="PEFT adapter directory (OUTPUT_DIR/adapter); default: the base model alone")
     parser.add_argument("--data", help="evaluate the loss on this whole dataset instead of the run's eval split")
     parser.add_argument("--prompts", help="JSONL prompts file to answer (messages or MT-bench turns)")
-    parser.add_argument("--out_dir", help="where generations.jsonl and results.json go (default: OUTPUT_DIR/"
-                        "evaluation of the run; without a run config, evaluation/ beside --adapter, or here)")
+    parser.add_argument("--out_dir", help="where generations.jsonl and results.json go (default: evaluation/ beside "
+                        "--adapter, OUTPUT_DIR/evaluation/step-N for a checkpoint's; without --adapter, "
+                        "OUTPUT_DIR/evaluation of --config, or here)")
     parser.add_argument("--compare_base", action="store_true", help="also answer with the adapter disabled")
     parser.add_argument("--no_loss", action="store_true", help="skip the eval loss")
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -61,7 +63,7 @@ def parse_args(argv):
     if args.no_loss and not args.prompts:
         raise ConfigError("--no_loss without --prompts leaves nothing to do")
     if args.model and not has_run_config(args.config, args.adapter) and not (args.data or args.no_loss):
-        raise ConfigError("--model without a run config (--config, or config.yaml beside --adapter): there is no "
+        raise ConfigError("--model without a run config (--config, or one saved with --adapter): there is no "
                           "run's eval split to take the loss on; pass --data FILE, or --no_loss")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise ConfigError(f"--out_dir {args.out_dir}: exists and is not a directory")
@@ -69,10 +71,16 @@ def parse_args(argv):
 
 
 def default_out_dir(args, cfg) -> Path:
-    """OUTPUT_DIR/evaluation of the run; without a run config, evaluation/ beside the adapter, or here."""
-    if has_run_config(args.config, args.adapter):
-        return Path(cfg.output_dir) / "evaluation"
-    return Path(args.adapter).parent / "evaluation" if args.adapter else Path("evaluation")
+    """``evaluation/`` beside the adapter (``OUTPUT_DIR/evaluation`` for a run's final adapter; a checkpoint's,
+    ``checkpoints/step-N/adapter``, goes to ``OUTPUT_DIR/evaluation/step-N``, not into the checkpoint); without
+    ``--adapter``, ``OUTPUT_DIR/evaluation`` of the run config, or ``evaluation/`` here."""
+    if args.adapter:
+        adapter = Path(args.adapter).resolve() if Path(args.adapter).name in ("", ".", "..") else Path(args.adapter)
+        parent = adapter.parent
+        if STEP_DIR.match(parent.name) and parent.parent.name == "checkpoints":
+            return parent.parent.parent / "evaluation" / parent.name
+        return parent / "evaluation"
+    return Path(cfg.output_dir) / "evaluation" if has_run_config(args.config, None) else Path("evaluation")
 
 
 def eval_split(cfg, tokenizer, data_path: str | None):

@@ -2,14 +2,17 @@
 
     python scripts/merge_adapter.py --model microsoft/Phi-3-mini-4k-instruct --adapter outputs/run/adapter \\
         --out merged/phi3-mini-tuned [--dtype bfloat16] [--max_shard_size 5GB]
-    # the tiny demo model: its seeded base is rebuilt from the run's config.yaml (found beside the adapter)
+    # the tiny demo model: its seeded base is rebuilt from the run's config saved with the adapter
     python scripts/merge_adapter.py --adapter outputs/demo/adapter --out merged/demo --dtype float32
 
 The output loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` alone (no peft), with the
 tokenizer and a generation config whose eos ids stop on <|end|>, <|endoftext|> and <|assistant|>.
-A QLoRA adapter is merged onto the unquantized base (merging into 4-bit weights would round
-the update away). Before saving, the merged model's logits are compared with base + adapter on
-a few prompts and the largest difference is printed; --max_logit_diff makes it a hard check.
+A QLoRA adapter is merged into the weights it was trained on: the 4-bit base, dequantized to
+--dtype (merging into 4-bit weights would round the update away); --qlora_base original merges it
+into the original full-precision weights instead, which differ from those by the quantization error.
+Before saving, the merged model's logits are compared with the model as trained (base + adapter; for
+QLoRA, the 4-bit base) on a few prompts and the largest difference is printed; --max_logit_diff makes
+it a hard check.
 One process: --device auto (the default) merges on the first GPU when the model fits in its free
 memory, else on the CPU; --device cpu or cuda[:N] chooses.
 """
@@ -27,6 +30,7 @@ from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError  # noqa: E402
 from phi3_lora.generate import encode_prompts, stop_token_ids  # noqa: E402
 from phi3_lora.inference import load_for_inference, load_tokenizer_for, run_config, unquantized  # noqa: E402
+from phi3_lora.quant import is_quantized  # noqa: E402
 
 CHECK_PROMPTS = [
     [{"role": "user", "content": "What is 12 plus 30?"}],
@@ -48,6 +52,9 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto",
                         help="where to merge: cpu, cuda, cuda:N, or auto (the first GPU when the model fits in its "
                              "free memory, else the CPU)")
+    parser.add_argument("--qlora_base", default="dequantized", choices=("dequantized", "original"),
+                        help="for a QLoRA adapter: merge into the 4-bit base it was trained on, dequantized "
+                             "(the model as trained), or into the original unquantized weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     return parser.parse_args(argv)
 
@@ -96,17 +103,24 @@ def main(argv=None):
     check_device(args.device)
     cfg = run_config(args.config, [*args.overrides, f"model.dtype={args.dtype}"], adapter=args.adapter,
                      model=args.model)
-    if unquantized(cfg):
-        print("QLoRA adapter: merging onto the unquantized base (model.load_in_4bit/8bit switched off)")
+    quantized = is_quantized(cfg.model)
+    if quantized and args.qlora_base == "original":
+        unquantized(cfg)
+        print("QLoRA adapter: merging into the original unquantized weights (--qlora_base original)")
     tokenizer = load_tokenizer_for(cfg)
     model = load_for_inference(cfg, tokenizer, args.adapter)
-    model.to(merge_device(args.device, model))
+    device = merge_device(args.device, model)
+    model.to(device)
     inputs = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, CHECK_PROMPTS).items()}
     tuned = logits_on(model, inputs)
+    if quantized and args.qlora_base == "dequantized":
+        print(f"QLoRA adapter: merging into its 4-bit base dequantized to {args.dtype}, the weights it was trained on")
+        del model
+        model = load_for_inference(cfg, tokenizer, args.adapter, dequantize=True).to(device)
     merged = model.merge_and_unload()
     diff = float((logits_on(merged, inputs) - tuned).abs().max())
-    print(f"largest |logit| difference, merged vs base+adapter, on {len(CHECK_PROMPTS)} prompts: {diff:.3g} "
-          f"({args.dtype})")
+    print(f"largest |logit| difference, merged vs as trained ({'4-bit base' if is_quantized(cfg.model) else 'base'}"
+          f" + adapter), on {len(CHECK_PROMPTS)} prompts: {diff:.3g} ({args.dtype})")
     if args.max_logit_diff is not None and diff > args.max_logit_diff:
         raise SystemExit(f"error: merged logits differ by {diff:.3g} > --max_logit_diff {args.max_logit_diff}; "
                          "nothing written")

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,23 +168,55 @@ def test_bad_options_are_one_line_before_anything_loads(run, tmp_path, script, a
     assert (tmp_path / "FILE").read_text() == "not a directory" and not (tmp_path / "new").exists()
 
 
-def test_an_adapter_away_from_its_run_needs_the_runs_config(run, tmp_path):
-    """Without config.yaml beside it, the demo recipe would rebuild another base (another seed, another size)."""
+def test_an_adapter_carries_its_runs_config(run, tmp_path):
+    """The adapter directory holds the settings that rebuild its base (run_config.yaml): copied away, or beside a
+    config.yaml that a newer run in the same output_dir rewrote when it started, it evaluates on its own base
+    (the run's final eval loss) and writes evaluation/ beside itself."""
     import shutil
-    shutil.copytree(run / "adapter", tmp_path / "adapter")
-    proc = run_script([sys.executable, EVALUATE, "--adapter", str(tmp_path / "adapter")], env=ONE_THREAD, check=False)
+    from phi3_lora.config import load_config
+    assert load_config(run / "adapter" / "run_config.yaml").to_yaml() == (run / "config.yaml").read_text()
+    away = tmp_path / "elsewhere"
+    shutil.copytree(run / "adapter", away / "adapter")
+    (away / "config.yaml").write_text((run / "config.yaml").read_text().replace("seed: 42", "seed: 7"))
+    assert "seed: 7" in (away / "config.yaml").read_text()  # a newer run's settings: another base
+    run_script([sys.executable, EVALUATE, "--adapter", str(away / "adapter")], env=ONE_THREAD)
+    results = json.loads((away / "evaluation" / "results.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert results["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    # an adapter saved before run_config.yaml existed, away from its run: the demo recipe would rebuild another
+    # base (another seed, another size), so that is an error
+    (away / "adapter" / "run_config.yaml").unlink()
+    (away / "config.yaml").unlink()
+    proc = run_script([sys.executable, EVALUATE, "--adapter", str(away / "adapter")], env=ONE_THREAD, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "no run config.yaml beside it" in proc.stderr.strip().splitlines()[-1]
+    assert "no run config in it (run_config.yaml) or beside it (config.yaml)" in proc.stderr.strip().splitlines()[-1]
     # with --model the base is named, but the demo recipe's data would be evaluated, and its output_dir written
-    proc = run_script([sys.executable, EVALUATE, "--adapter", str(tmp_path / "adapter"), "--model", "tiny-random-phi3"],
+    proc = run_script([sys.executable, EVALUATE, "--adapter", str(away / "adapter"), "--model", "tiny-random-phi3"],
                       env=ONE_THREAD, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "error: --model without a run config (--config, or config.yaml beside --adapter): there is no run's eval "
+        "error: --model without a run config (--config, or one saved with --adapter): there is no run's eval "
         "split to take the loss on; pass --data FILE, or --no_loss")
     proc = run_script([sys.executable, MERGE, "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")],
                       env=ONE_THREAD, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         f"error: --adapter {tmp_path / 'nowhere'}: no adapter_config.json there")
+
+
+def test_evaluation_goes_beside_the_adapter_and_never_into_a_checkpoint(tmp_path):
+    import importlib.util
+    from types import SimpleNamespace
+    spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE)
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    run = tmp_path / "run"
+    cases = [(run / "adapter", run / "evaluation"),
+             (run / "checkpoints" / "step-000040" / "adapter", run / "evaluation" / "step-000040"),
+             (tmp_path / "copies" / "adapter", tmp_path / "copies" / "evaluation")]
+    for adapter, expected in cases:
+        assert evaluate.default_out_dir(SimpleNamespace(adapter=str(adapter), config=None), None) == expected
+    cfg = SimpleNamespace(output_dir=str(run))  # the base alone: the run config's output_dir, or here
+    assert evaluate.default_out_dir(SimpleNamespace(adapter=None, config="c.yaml"), cfg) == run / "evaluation"
+    assert evaluate.default_out_dir(SimpleNamespace(adapter=None, config=None), cfg) == Path("evaluation")
 
 
 def test_multi_turn_feeds_back_the_models_own_answer(run, loaded):
@@ -232,7 +265,7 @@ def test_a_dropped_system_prompt_fails_before_the_model_loads(run, tmp_path):
                        "data.chat_template=tokenizer"], env=ONE_THREAD, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        "prompt hello: the chat template drops the system prompt; set data.chat_template=phi3 to render it")
+        "prompt hello: the chat template drops the system message; set data.chat_template=phi3 to render it")
     assert not (tmp_path / "evaluation").exists()
 
 

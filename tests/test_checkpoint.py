@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -261,6 +262,18 @@ def test_partial_adapter_fails_on_missing_adapter_keys():
         ckpt.load_adapter_state(tiny_peft(), state, "partial.safetensors")
 
 
+def test_base_weights_in_an_adapter_file_are_refused():
+    """An adapter file that also holds a base weight would overwrite the frozen model it lands on."""
+    model = tiny_peft()
+    embed = "base_model.model.model.embed_tokens.weight"
+    before = dict(model.named_parameters())[embed].detach().clone()
+    state = {**saved_adapter(tiny_peft()), embed: torch.zeros_like(before)}
+    with pytest.raises(ckpt.CheckpointError, match=r"^tampered.safetensors: 1 keys are weights of the frozen base "
+                                                   r"model, not adapter parameters .* e.g. " + re.escape(embed)):
+        ckpt.load_adapter_state(model, state, "tampered.safetensors")
+    assert torch.equal(dict(model.named_parameters())[embed], before)
+
+
 # ----------------------------------------------------------------------------- rotation
 
 def fake_checkpoint(output_dir, step, eval_loss):
@@ -305,6 +318,27 @@ def test_a_crash_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monk
     monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
     ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in ckpt.checkpoints_root(tmp_path).iterdir()) == ["step-000002", "step-000003"]
+
+
+def test_an_unreadable_old_checkpoint_state_does_not_stop_rotation_or_resume(tmp_path):
+    """Rotation ranks old checkpoints by their trainer_state.json; a damaged or missing one is not ranked (and
+    deleted as any other), instead of ending the run that is saving. Steps come from the directory names."""
+    paths = {s: fake_checkpoint(tmp_path, s, loss) for s, loss in {1: 0.5, 2: 1.0, 3: 2.0, 4: 3.0}.items()}
+    (paths[1] / "trainer_state.json").write_text("{torn")
+    (paths[2] / "trainer_state.json").unlink()
+    removed = ckpt.rotate(tmp_path, keep=1, protected=set())
+    assert sorted(p.name for p in removed) == ["step-000001", "step-000002"]
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]  # best, newest
+    assert [ckpt.saved_step(p) for p in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_stale_adapter_temporaries_are_removed(tmp_path):
+    for name in (".adapter.tmp", ".adapter.old", "checkpoints/.step-000004.tmp"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / "adapter").mkdir()
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "checkpoints"]
 
 
 def test_rotation_in_a_run_keeps_newest_plus_best(tmp_path):
@@ -505,3 +539,50 @@ def test_rng_state_holds_this_process_gpu_only(monkeypatch):
     older = {"torch": tensors["torch"], "cuda0": torch.zeros(3, dtype=torch.uint8), "cuda1": saved}
     ckpt.set_rng_state(plain, older)
     assert restored == [saved, saved]
+
+
+def test_fp16_loss_scale_is_saved_and_restored(tmp_path):
+    """fp16 (GPUs without bf16) has accelerate's GradScaler: its scale and growth count go into the checkpoint
+    (scaler.json, no pickle) and come back on resume, or a resumed run would skip steps for overflows anew.
+    accelerate makes no scaler on the CPU, so a real torch GradScaler("cpu") stands in for CUDA's here."""
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    from phi3_lora.loop import SCALER_FILE
+    trainer = in_process_trainer(load_config(None, [f"output_dir={tmp_path / 'a'}", *RUN]))
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(1))  # the scale tensors are made at first use
+    scaler.update(new_scale=512.0)
+    scaler._growth_tracker.fill_(7)
+    trainer.save_checkpoint()
+    (path,) = ckpt.complete_checkpoints(tmp_path / "a")
+    assert json.loads((path / SCALER_FILE).read_text())["scale"] == 512.0
+    resumed = in_process_trainer(load_config(None, [f"output_dir={tmp_path / 'b'}", *RUN]))
+    fresh = resumed.accelerator.scaler = torch.amp.GradScaler("cpu")
+    resumed._restore(path)
+    assert (fresh.get_scale(), fresh._get_growth_tracker()) == (512.0, 7)
+
+
+def test_a_preemption_signal_stops_a_long_evaluation(tmp_path):
+    """A signal that arrives during an evaluation stops it within EVAL_SIGNAL_EVERY batches, records no eval
+    loss for it, and the run checkpoints and stops as preempted: the evaluation does not use up the grace time."""
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    from phi3_lora.loop import EVAL_SIGNAL_EVERY, PreemptionFlag
+    cfg = load_config(None, [f"output_dir={tmp_path}", *RUN, "data.eval_size=24", "training.eval_steps=2",
+                             "training.per_device_eval_batch_size=1"])
+    with PreemptionFlag(["SIGUSR1"]) as flag:
+        trainer = in_process_trainer(cfg, flag)
+        collated, collate = [], trainer.eval_collate
+
+        def signalling_collate(items):
+            collated.append(1)
+            if len(collated) == 24 + 3:  # the 3rd batch of the evaluation after step 2
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return collate(items)
+        trainer.eval_collate = signalling_collate
+        with pytest.raises(ckpt.Preempted, match="stopped by SIGUSR1 after step 2: checkpoint .*step-000002 saved"):
+            trainer.train()
+    assert len(collated) == 24 + EVAL_SIGNAL_EVERY  # the whole first evaluation, then up to the next check
+    (saved,) = ckpt.complete_checkpoints(tmp_path)
+    assert [step for step, _ in json.loads((saved / "trainer_state.json").read_text())["eval_losses"]] == [0]
+    assert [m["step"] for m in read_metrics(tmp_path) if "eval_loss" in m] == [0]

@@ -157,6 +157,35 @@ def test_adapter_loads_onto_4bit_and_unquantized_base(qlora_run):
     assert max(loss4, loss_plain) < base_loss - 0.5  # and the adapter's training shows on both bases
 
 
+def test_merge_of_a_qlora_adapter_is_the_model_as_trained(qlora_run, tmp_path):
+    """merge_adapter.py merges a QLoRA adapter into the weights it was trained on, the 4-bit base dequantized:
+    the merged model's logits are the 4-bit base + adapter's (float32, 1e-4). --qlora_base original merges into
+    the unquantized weights: equal to unquantized base + adapter, and off the trained model by NF4's rounding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import ROOT
+    from phi3_lora import data as data_lib
+    cfg, tokenizer, quantized, plain = _models(qlora_run)
+    data_lib.use_chat_template(tokenizer, cfg.data.chat_template)
+    _, eval_data = data_lib.build_datasets(cfg.data, tokenizer, cfg.training.seed)
+    batch = data_lib.Collator(tokenizer.pad_token_id)([[eval_data.dataset[i]] for i in range(len(eval_data))])
+    mask = batch["attention_mask"].bool()
+    as_trained = _eval_loss_and_logits(PeftModel.from_pretrained(quantized, str(qlora_run / "adapter")).eval(), batch)
+    on_plain = _eval_loss_and_logits(PeftModel.from_pretrained(plain, str(qlora_run / "adapter")).eval(), batch)
+    merged = {}
+    for base in ("dequantized", "original"):
+        proc = run_script([sys.executable, str(ROOT / "scripts" / "merge_adapter.py"), "--adapter",
+                           str(qlora_run / "adapter"), "--out", str(tmp_path / base), "--dtype", "float32",
+                           "--qlora_base", base, "--device", "cpu"])
+        assert ("into its 4-bit base dequantized to float32" in proc.stdout) == (base == "dequantized"), proc.stdout
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / base), dtype=torch.float32).eval()
+        merged[base] = _eval_loss_and_logits(model, batch)
+    torch.testing.assert_close(merged["dequantized"][1][mask], as_trained[1][mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged["original"][1][mask], on_plain[1][mask], atol=1e-4, rtol=1e-4)
+    assert (merged["original"][1][mask] - as_trained[1][mask]).abs().max() > 1e-2  # what the default avoids
+
+
 def test_8bit_loading_gives_linear8bit_layers():
     bnb = needs_bitsandbytes()
     from phi3_lora.model import load_model, load_tokenizer
