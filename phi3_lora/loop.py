@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, TrainingConfig, effective_chunk_size, load_config
+from .config import Config, ConfigError, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
 from .lora import (adapters_for_autocast, attach_lora, load_adapter_dir, parameter_counts, save_adapter,
                    write_adapter)
@@ -104,15 +104,13 @@ def fill_deepspeed_config(accelerator, cfg: Config) -> None:
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     if zero.get("offload_optimizer", {}).get("device", "none") != "none" and \
             plugin.deepspeed_config.get("zero_force_ds_cpu_optimizer", True):
-        # accelerate swaps the optimizer for DeepSpeedCPUAdam and keeps only its lr and weight decay
-        # (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed): refuse what would be lost
-        lost = [f"training.{k}={getattr(t, k)}" for k in ("adam_beta1", "adam_beta2", "adam_epsilon")
-                if getattr(t, k) != TrainingConfig.__dataclass_fields__[k].default]
-        if t.optimizer != "adamw_torch" or lost:
-            changed = f" ({', '.join(lost)})" if lost else ""
-            raise ConfigError(f"ZeRO-Offload steps the optimizer with DeepSpeedCPUAdam, which keeps only the learning "
-                              f"rate and weight decay: training.optimizer must be adamw_torch (got {t.optimizer}) "
-                              f"and the AdamW betas and epsilon their defaults{changed}")
+        # accelerate swaps the optimizer for DeepSpeedCPUAdam over its param groups, which keep our lr, betas, eps
+        # and weight decay (accelerate.utils.deepspeed.map_pytorch_optim_to_deepspeed); a bitsandbytes optimizer's
+        # kind would be lost (8-bit states, paging; its AdamW becomes Adam with L2): refuse those
+        if t.optimizer != "adamw_torch":
+            raise ConfigError(f"ZeRO-Offload steps the optimizer with DeepSpeedCPUAdam (an AdamW in float32 on the "
+                              f"CPU) in place of the configured one: training.optimizer must be adamw_torch (got "
+                              f"{t.optimizer})")
 
 
 def check_fits_this_run(cfg: Config, accelerator) -> None:
@@ -430,6 +428,7 @@ class Trainer:
         events, so the CPU keeps queueing work while the GPU runs the forward, backward and optimizer.
         """
         acc = self.accelerator
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; after it the scheduler says the next
         counts = [sum(supervised_tokens(b) for b in batches), sum(int(b["num_tokens"]) for b in batches)]
         clock = _StepClock(cuda=acc.device.type == "cuda")
         if acc.num_processes > 1:  # the batches are still on the CPU: one process needs no round trip to the GPU
@@ -468,7 +467,7 @@ class Trainer:
         loss = p.window_loss_sum / max(p.window_tokens, 1)
         p.last_train_loss, p.window_loss_sum, p.window_tokens = loss, 0.0, 0
         supervised_rate, total_rate = window.rates()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.step_lr
         utilisation = self._mfu(total_rate)
         extra = {"mfu": utilisation} if utilisation is not None else {}
         grad_norm = None if grad_norm is None else float(grad_norm)

@@ -19,21 +19,25 @@ import torch
 from .config import ConfigError, LoraConfig
 
 
-def linear_module_names(model) -> set[str]:
-    """Last-name parts of every linear layer (``qkv_proj``, ``lm_head``...)."""
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")}
+def linear_module_names(model) -> list[str]:
+    """Full names of every linear layer (``model.layers.0.self_attn.qkv_proj``, ``lm_head``...)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")]
 
 
 def check_targets(model, targets: list[str]) -> None:
-    """Every requested target must name at least one linear layer of the model."""
+    """Every requested target must name at least one linear layer of the model other than ``lm_head``, as peft
+    matches them: the whole name or a suffix after a dot (``qkv_proj``, ``self_attn.qkv_proj``,
+    ``layers.31.mlp.down_proj``)."""
     if targets == ["all-linear"]:
         return
-    available = linear_module_names(model) - {"lm_head"}
-    missing = [t for t in targets if t not in available]
+    names = [n for n in linear_module_names(model) if n.rsplit(".", 1)[-1] != "lm_head"]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ConfigError(f"lora.target_modules: {', '.join(missing)} match no module of this model; "
-                          f"Phi-3's linear layers are {', '.join(sorted(available))}")
+                          f"Phi-3's linear layers are {', '.join(kinds)} (or a suffix of their full names, such as "
+                          f"self_attn.qkv_proj or layers.0.mlp.down_proj)")
 
 
 def peft_config(cfg: LoraConfig):

@@ -87,6 +87,27 @@ def test_text_settings_keep_their_text(tmp_path):
     assert load_config(tmp_path / "saved.yaml") == cfg
 
 
+@pytest.mark.parametrize("text, message", [
+    ("training: 5\n", r"^'training' \(.*r.yaml\) is a section: give its keys \(training.KEY=VALUE, or a mapping under "
+                      r"'training:' in YAML\), not the int 5$"),
+    ("training:\n  optimizer:\n    name: adamw\n",
+     r"^training.optimizer: expected text, got the dict \{'name': 'adamw'\}$"),  # no hint about quoting numbers
+    ("training:\n  max_steps: 5\n  max_steps: 7\n", r"^.*r.yaml line 3: not valid YAML \('max_steps' is given twice\)$"),
+    ("training:\n  max_steps: 5\ntraining:\n  seed: 1\n", r"^.*r.yaml line 3: not valid YAML \('training' is given "
+                                                         r"twice\)$"),
+])
+def test_misshapen_recipes_get_errors_that_say_what_is_wrong(tmp_path, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe)
+
+
+def test_a_section_given_a_value_on_the_command_line_is_named():
+    with pytest.raises(ConfigError, match=r"^'lora' \(command line\) is a section: give its keys"):
+        load_config(None, ["lora=8"])
+
+
 def test_overrides_may_come_on_both_sides_of_config(tmp_path):
     """scripts/slurm/job.sh passes its training.resume_from=auto before the user's --config and overrides."""
     from phi3_lora.cli import config_from_args, config_parser
@@ -115,6 +136,22 @@ def test_targets_that_match_no_module_are_an_error_not_skipped(backend):
             as err:
         attach_lora(model, cfg.lora, seed=0)
     assert all(name in str(err.value) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+
+
+def test_targets_may_be_suffixes_of_module_names_as_in_peft():
+    """peft matches a target against the whole module name or a suffix after a dot: one layer's down_proj, or
+    self_attn.qkv_proj, adapts exactly those modules (the check used to compare last names only and refused)."""
+    from phi3_lora.lora import attach_lora
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, ["lora.target_modules=[self_attn.qkv_proj,layers.1.mlp.down_proj]"])
+    model = attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=0)
+    adapted = sorted(n.split(".lora_A")[0].replace("base_model.model.model.", "")
+                     for n, _ in model.named_parameters() if ".lora_A." in n)
+    layers = cfg.model.tiny_layers
+    assert adapted == sorted([f"layers.{i}.self_attn.qkv_proj" for i in range(layers)] + ["layers.1.mlp.down_proj"])
+    cfg = load_config(None, ["lora.target_modules=[layers.9.mlp.down_proj]"])
+    with pytest.raises(ConfigError, match=r"^lora.target_modules: layers.9.mlp.down_proj match no module"):
+        attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=0)
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

@@ -140,8 +140,8 @@ def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
 
 def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
     """A DeepSpeed JSON with numbers of its own (not "auto") that differ from the training config, precision
-    included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with optimizer settings
-    accelerate would drop; torch.compile under ZeRO-3, whose parameter hooks recompile each layer until
+    included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with a bitsandbytes optimizer,
+    which accelerate would swap for DeepSpeedCPUAdam; torch.compile under ZeRO-3, whose parameter hooks recompile each layer until
     torch.compile gives up (tried: 8 recompilations a layer already in the first evaluation): exit 2, one line,
     nothing written."""
     settings = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
@@ -153,7 +153,7 @@ def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
     for name, cwd, launch, settings in [
             ("disagrees", ROOT, [*zero2, "--deepspeed_config_file", str(tmp_path / "mine.json")], []),
             ("missing", tmp_path, zero2, []),
-            ("offload", ROOT, offload, ["training.optimizer=adamw_8bit", "training.adam_beta2=0.95"]),
+            ("offload", ROOT, offload, ["training.optimizer=adamw_8bit"]),
             ("compile", ROOT, zero3, ["training.compile=true"])]:
         out = tmp_path / name
         command = accelerate_launch(1, *launch) + [str(ROOT / "scripts" / "train.py"), f"output_dir={out}"]
@@ -171,10 +171,42 @@ def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
                 "that gather each layer's partitioned weights break its compiled graph at every linear and " \
                 "recompile it on every call until torch.compile gives up and runs it eagerly; set " \
                 "training.compile=false"
-        else:  # accelerate would swap adamw_8bit for DeepSpeedCPUAdam and drop beta2
-            assert "training.optimizer must be adamw_torch (got adamw_8bit) and the AdamW betas and epsilon their " \
-                "defaults (training.adam_beta2=0.95)" in errors[0]
+        else:  # accelerate would swap adamw_8bit for DeepSpeedCPUAdam
+            assert errors[0].endswith("in place of the configured one: training.optimizer must be adamw_torch (got "
+                                      "adamw_8bit)")
         assert not out.exists()
+
+
+def test_zero_offload_steps_with_the_configured_betas_and_epsilon():
+    """Under ZeRO-Offload accelerate replaces our AdamW with DeepSpeedCPUAdam built from its param groups: the
+    configured betas, epsilon, learning rate and weight decay carry over, and its step is torch's AdamW's
+    (1e-6), so a beta2 of 0.95 needs no refusal."""
+    from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
+
+    from phi3_lora.config import load_config
+    from phi3_lora.optim import build_optimizer
+    t = load_config(None, ["training.adam_beta2=0.95", "training.adam_epsilon=1e-6", "training.learning_rate=1e-2",
+                           "training.weight_decay=0.1"]).training
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(64, 8, generator=gen), torch.randn(8, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(3)]
+    results = []
+    for offloaded in (False, True):
+        weights = [torch.nn.Parameter(p.clone()) for p in params]
+        optimizer = build_optimizer([{"params": weights[:1], "weight_decay": t.weight_decay},
+                                     {"params": weights[1:], "weight_decay": 0.0}], t)
+        if offloaded:
+            optimizer = map_pytorch_optim_to_deepspeed(optimizer)
+            assert [(g["betas"], g["eps"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == \
+                [((0.9, 0.95), 1e-6, 1e-2, 0.1), ((0.9, 0.95), 1e-6, 1e-2, 0.0)]
+        for step_grads in grads:
+            for w, g in zip(weights, step_grads):
+                w.grad = g.clone()
+            optimizer.step()
+        results.append([w.detach() for w in weights])
+    assert type(optimizer).__name__ == "DeepSpeedCPUAdam"
+    for plain, offloaded in zip(*results):
+        torch.testing.assert_close(offloaded, plain, atol=1e-6, rtol=1e-6)
 
 
 def test_a_deepspeed_config_without_training_entries_gets_them_from_the_training_config(monkeypatch):

@@ -170,3 +170,15 @@ def test_help_lists_keys():
     for key in ("training.learning_rate = 0.0002", "lora.target_modules", "data.train_on_prompt", "output_dir ="):
         assert key in proc.stdout
     assert "accelerate launch" in proc.stdout  # the docstring's launch commands
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """transformers' linear schedule with 2 warmup steps of 6 gives the steps 0, 1/2, 1, 3/4, 1/2, 1/4 of the peak
+    (the scheduler's value after a step is the next one's: logging that showed every step one step late)."""
+    from phi3_lora.config import load_config
+    cfg = load_config(None, [f"output_dir={tmp_path}", *FAST, "training.max_steps=6", "training.warmup_steps=2",
+                             "training.lr_scheduler=linear", "training.learning_rate=1e-3"])
+    trainer = in_process_trainer(cfg)
+    trainer.train()
+    logged = [m["learning_rate"] for m in read_metrics(tmp_path) if "learning_rate" in m]
+    assert logged == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4], abs=1e-12)
