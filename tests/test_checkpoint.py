@@ -586,3 +586,34 @@ def test_a_preemption_signal_stops_a_long_evaluation(tmp_path):
     (saved,) = ckpt.complete_checkpoints(tmp_path)
     assert [step for step, _ in json.loads((saved / "trainer_state.json").read_text())["eval_losses"]] == [0]
     assert [m["step"] for m in read_metrics(tmp_path) if "eval_loss" in m] == [0]
+
+
+def test_a_preemption_signal_in_the_final_evaluation_checkpoints_and_resuming_finishes(tmp_path):
+    """After the last step: the final evaluation stops, the last step's checkpoint is saved and the run stops as
+    preempted; resuming it evaluates, writes the adapter and finishes (with the eval loss an uninterrupted run
+    gives)."""
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    from phi3_lora.loop import PreemptionFlag
+    settings = [*RUN, "data.eval_size=24", "training.eval_steps=0", "training.max_steps=4",
+                "training.per_device_eval_batch_size=1"]
+    reference = in_process_trainer(load_config(None, [f"output_dir={tmp_path / 'reference'}", *settings])).train()
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", *settings])
+    with PreemptionFlag(["SIGUSR1"]) as flag:
+        trainer = in_process_trainer(cfg, flag)
+        collated, collate = [], trainer.eval_collate
+
+        def signalling_collate(items):
+            collated.append(1)
+            if len(collated) == 24 + 3:  # the 3rd batch of the final evaluation
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return collate(items)
+        trainer.eval_collate = signalling_collate
+        with pytest.raises(ckpt.Preempted, match="stopped by SIGUSR1 after step 4"):
+            trainer.train()
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step-000004"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    resumed = in_process_trainer(load_config(None, [f"output_dir={tmp_path / 'run'}", *settings,
+                                                    "training.resume_from=auto"])).train()
+    assert resumed["steps"] == 4 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert resumed["final_eval_loss"] == reference["final_eval_loss"]
