@@ -284,11 +284,14 @@ def saved_step(path: Path) -> int:
 
 def remove_stale_temporaries(output_dir: str | Path) -> None:
     """Delete what a crash left half-written: hidden directories under checkpoints/, and the adapter's
-    (``.adapter.tmp``, ``.adapter.old``) in ``output_dir``."""
+    (``.adapter.tmp``, ``.adapter.old``) in ``output_dir``. A crash between the two renames that replace an
+    adapter (``commit_directory``) leaves the previous one only as ``.adapter.old``: it is put back."""
     root = checkpoints_root(output_dir)
     stale = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
-    stale += [Path(output_dir) / f".adapter.{suffix}" for suffix in ("tmp", "old")]
-    for p in stale:
+    adapter, old = Path(output_dir) / "adapter", Path(output_dir) / ".adapter.old"
+    if old.is_dir() and not adapter.exists():
+        old.rename(adapter)
+    for p in [*stale, Path(output_dir) / ".adapter.tmp", old]:
         shutil.rmtree(p, ignore_errors=True)
 
 

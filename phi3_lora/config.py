@@ -333,11 +333,16 @@ class _Yaml12BoolLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" merges, it is no key
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in seen and key != "<<":
-                raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
         return super().construct_mapping(node, deep)
 
 

@@ -98,8 +98,10 @@ def _read_json(path: Path) -> list[dict]:
     try:  # utf-8-sig: a byte-order mark, as some editors write, is not part of the JSON
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raw = path.read_bytes()
+        at = err.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # counted after the byte-order mark
+        line = raw[:at].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {at})") from None
     one_document = path.suffix.lower() == ".json"  # else JSON Lines
     if one_document and text.lstrip().startswith("{") and "\n" in text.strip():
         try:
@@ -217,7 +219,7 @@ def check_conversation(messages: list[dict], where: str, names: list[str] | None
     if len(messages) <= first or messages[first]["role"] != "user":
         raise DataError(f"{where}: the conversation must start with a user turn")
     for j in range(first + 1, len(messages)):
-        if messages[j]["role"] == messages[j - 1]["role"]:  # Phi-3's template: one turn with no header, or an empty one
+        if messages[j]["role"] == messages[j - 1]["role"]:  # the tokenizer's template: no header, or an empty turn
             raise DataError(f"{where}: {names[j - 1]} and {names[j]} are both {messages[j]['role']} turns; user and "
                             "assistant turns must alternate (merge the two)")
     return messages

@@ -10,6 +10,7 @@ adapter, so it always belongs to it), else the run's ``config.yaml`` beside it (
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from .lora import RUN_CONFIG
 from .loss import supervised_tokens, token_loss_sum
 from .model import load_model, load_tokenizer, resolve_dtype
 
+logger = logging.getLogger(__name__)
 QUANTIZATION_KEYS = ("model.load_in_4bit", "model.load_in_8bit")
 
 
@@ -37,8 +39,24 @@ def run_config(config: str | None, overrides: list[str], adapter: str | None = N
         if config is None and model is None:  # the demo recipe would rebuild some other base
             raise ConfigError(f"--adapter {adapter}: no run config in it ({RUN_CONFIG}) or beside it (config.yaml); "
                               "pass the run's --config, or --model for the base it was trained on")
+    elif config is not None and adapter is not None and (Path(adapter) / RUN_CONFIG).is_file():
+        warn_if_another_base(config, Path(adapter) / RUN_CONFIG)
     extra = [f"model.name_or_path={model}"] if model else []
     return load_config(config, [*overrides, *extra])
+
+
+BASE_KEYS = ("model.", "lora.", "training.seed")  # what rebuilds the base and the adapters on it
+
+
+def warn_if_another_base(config: str | Path, saved: Path) -> None:
+    """``--config`` wins over the settings saved with the adapter; a warning names what differs in the keys that
+    rebuild its base (``model.*``, ``lora.*``, the tiny model's seed)."""
+    given, trained = load_config(config).resume_settings(), load_config(saved).resume_settings()
+    changed = [k for k in given if k.startswith(BASE_KEYS) and given[k] != trained.get(k)]
+    if changed:
+        details = ", ".join(f"{k}: {trained.get(k)!r} -> {given[k]!r}" for k in changed[:4])
+        logger.warning("--config %s differs from the run config saved with the adapter (%s) in %s; the adapter "
+                       "was trained on the base that %s describes", config, saved, details, saved)
 
 
 def has_run_config(config: str | None, adapter: str | None) -> bool:
@@ -85,11 +103,13 @@ def load_tokenizer_for(cfg: Config):
     return tokenizer
 
 
-def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None, dequantize: bool = False):
+def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None, dequantize: bool = False,
+                       device: str | None = None):
     """The base model of ``cfg`` in eval mode, with the PEFT adapter at ``adapter`` on top if given.
 
     ``dequantize``: a 4/8-bit base is loaded as in training, then its weights are expanded to ``model.dtype``:
-    the weights a QLoRA adapter was trained on, in a form it can be merged into.
+    the weights a QLoRA adapter was trained on, in a form it can be merged into. ``device``: where the base's
+    weights load (default: the CPU, and a 4/8-bit base's onto the current GPU, as bitsandbytes places them).
 
     The adapter goes through the training loop's checked loader, not ``PeftModel.from_pretrained`` (which
     loads with ``strict=False`` unchecked): a damaged file, or an adapter of another model or rank, is a
@@ -99,7 +119,7 @@ def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None
         path = check_adapter_dir(adapter)
         weights = path / "adapter_model.safetensors"
         state = read_safetensors(weights)  # before loading the base: a damaged file fails at once
-    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed)
+    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed, device=device)
     if dequantize:
         model = model.dequantize().to(resolve_dtype(cfg.model.dtype))
     if adapter is not None:

@@ -687,7 +687,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         if not path.is_dir():
             raise ckpt.CheckpointError(f"training.resume_from: {path} is not a directory")
     ckpt.verify_checkpoint(path)
-    resumed_step = ckpt.saved_step(path)
+    resumed_step = json.loads((path / "trainer_state.json").read_text())["step"]  # verified; any directory name
     later = [c.name for c in found if ckpt.saved_step(c) > resumed_step]
     if later:
         raise ConfigError(f"cannot resume {path}: {cfg.output_dir} also holds later checkpoints ({', '.join(later)}) "

@@ -2,12 +2,12 @@
 
     # the run's held-out eval data (as in training), base model vs. the run's adapter
     python scripts/evaluate.py --config outputs/demo/config.yaml
-    python scripts/evaluate.py --config outputs/demo/config.yaml --adapter outputs/demo/adapter
+    python scripts/evaluate.py --adapter outputs/demo/adapter
     # any dataset in a supported format (messages / sharegpt / alpaca), plus generation
-    python scripts/evaluate.py --config outputs/run/config.yaml --adapter outputs/run/adapter \\
+    python scripts/evaluate.py --adapter outputs/run/adapter \\
         --data my_eval.jsonl --prompts ../shared/data/mt_bench_questions.jsonl --compare_base
     # sampled answers, 4-bit base (QLoRA)
-    python scripts/evaluate.py --config outputs/run/config.yaml --adapter outputs/run/adapter \\
+    python scripts/evaluate.py --adapter outputs/run/adapter \\
         --prompts prompts.jsonl --do_sample --temperature 0.7 model.load_in_4bit=true
 
 The loss is the training loop's (token-weighted cross-entropy over the assistant turns). Prompts
@@ -75,8 +75,7 @@ def default_out_dir(args, cfg) -> Path:
     ``checkpoints/step-N/adapter``, goes to ``OUTPUT_DIR/evaluation/step-N``, not into the checkpoint); without
     ``--adapter``, ``OUTPUT_DIR/evaluation`` of the run config, or ``evaluation/`` here."""
     if args.adapter:
-        adapter = Path(args.adapter).resolve() if Path(args.adapter).name in ("", ".", "..") else Path(args.adapter)
-        parent = adapter.parent
+        parent = Path(args.adapter).resolve().parent  # through "." and links: a checkpoint is known by its path
         if STEP_DIR.match(parent.name) and parent.parent.name == "checkpoints":
             return parent.parent.parent / "evaluation" / parent.name
         return parent / "evaluation"

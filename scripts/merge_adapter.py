@@ -30,6 +30,7 @@ from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError  # noqa: E402
 from phi3_lora.generate import encode_prompts, stop_token_ids  # noqa: E402
 from phi3_lora.inference import load_for_inference, load_tokenizer_for, run_config, unquantized  # noqa: E402
+from phi3_lora.lora import parameter_counts  # noqa: E402
 from phi3_lora.quant import is_quantized  # noqa: E402
 
 CHECK_PROMPTS = [
@@ -53,7 +54,7 @@ def parse_args(argv):
                         help="where to merge: cpu, cuda, cuda:N, or auto (the first GPU when the model fits in its "
                              "free memory, else the CPU)")
     parser.add_argument("--qlora_base", default="dequantized", choices=("dequantized", "original"),
-                        help="for a QLoRA adapter: merge into the 4-bit base it was trained on, dequantized "
+                        help="for a QLoRA adapter: merge into the 4/8-bit base it was trained on, dequantized "
                              "(the model as trained), or into the original unquantized weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     return parser.parse_args(argv)
@@ -68,14 +69,14 @@ def check_device(choice: str) -> None:
         raise ConfigError(f"--device {choice}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
 
 
-def merge_device(choice: str, model) -> str:
-    """``--device`` resolved: auto takes the first GPU when the model, plus a fifth of it for the merge's
-    temporaries, fits in its free memory."""
+def merge_device(choice: str, model, dtype: torch.dtype) -> str:
+    """``--device`` resolved: auto takes the first GPU when the merged model (every weight in ``dtype``, 4-bit
+    ones at their unpacked size), plus a fifth of it for the merge's temporaries, fits in its free memory."""
     if choice != "auto":
         return choice
     if not torch.cuda.is_available():
         return "cpu"
-    needed = 1.2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = 1.2 * parameter_counts(model)[1] * dtype.itemsize
     free, _ = torch.cuda.mem_get_info()
     if needed > free:
         print(f"the model needs {needed / 2**30:.1f} GiB, the GPU has {free / 2**30:.1f} GiB free: merging on the CPU")
@@ -109,18 +110,22 @@ def main(argv=None):
         print("QLoRA adapter: merging into the original unquantized weights (--qlora_base original)")
     tokenizer = load_tokenizer_for(cfg)
     model = load_for_inference(cfg, tokenizer, args.adapter)
-    device = merge_device(args.device, model)
+    device = merge_device(args.device, model, getattr(torch, args.dtype))
     model.to(device)
     inputs = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, CHECK_PROMPTS).items()}
     tuned = logits_on(model, inputs)
+    reference = "quantized base + adapter, as trained" if is_quantized(cfg.model) else "base + adapter"
     if quantized and args.qlora_base == "dequantized":
-        print(f"QLoRA adapter: merging into its 4-bit base dequantized to {args.dtype}, the weights it was trained on")
-        del model
-        model = load_for_inference(cfg, tokenizer, args.adapter, dequantize=True).to(device)
+        print(f"QLoRA adapter: merging into its quantized base dequantized to {args.dtype}, the weights it was "
+              "trained on")
+        del model  # the base loads again, on the merge's device, where it is expanded to args.dtype
+        model = load_for_inference(cfg, tokenizer, args.adapter, dequantize=True, device=device)
+    elif quantized:
+        reference = "unquantized base + adapter"
     merged = model.merge_and_unload()
     diff = float((logits_on(merged, inputs) - tuned).abs().max())
-    print(f"largest |logit| difference, merged vs as trained ({'4-bit base' if is_quantized(cfg.model) else 'base'}"
-          f" + adapter), on {len(CHECK_PROMPTS)} prompts: {diff:.3g} ({args.dtype})")
+    print(f"largest |logit| difference, merged vs {reference}, on {len(CHECK_PROMPTS)} prompts: {diff:.3g} "
+          f"({args.dtype})")
     if args.max_logit_diff is not None and diff > args.max_logit_diff:
         raise SystemExit(f"error: merged logits differ by {diff:.3g} > --max_logit_diff {args.max_logit_diff}; "
                          "nothing written")

@@ -168,6 +168,20 @@ def test_bad_options_are_one_line_before_anything_loads(run, tmp_path, script, a
     assert (tmp_path / "FILE").read_text() == "not a directory" and not (tmp_path / "new").exists()
 
 
+def test_a_config_that_rebuilds_another_base_than_the_adapters_warns(run, tmp_path, caplog):
+    """--config wins over the settings saved with the adapter, with a warning naming what differs."""
+    other = tmp_path / "other.yaml"
+    other.write_text((run / "config.yaml").read_text().replace("seed: 42", "seed: 7"))
+    with caplog.at_level("WARNING", logger="phi3_lora.inference"):
+        assert run_config(str(other), [], adapter=str(run / "adapter")).training.seed == 7
+    assert f"--config {other} differs from the run config saved with the adapter" in caplog.text
+    assert "in training.seed: 42 -> 7; the adapter was trained on the base that" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="phi3_lora.inference"):
+        run_config(str(run / "config.yaml"), [], adapter=str(run / "adapter"))
+    assert not caplog.text
+
+
 def test_an_adapter_carries_its_runs_config(run, tmp_path):
     """The adapter directory holds the settings that rebuild its base (run_config.yaml): copied away, or beside a
     config.yaml that a newer run in the same output_dir rewrote when it started, it evaluates on its own base
@@ -202,18 +216,25 @@ def test_an_adapter_carries_its_runs_config(run, tmp_path):
         f"error: --adapter {tmp_path / 'nowhere'}: no adapter_config.json there")
 
 
-def test_evaluation_goes_beside_the_adapter_and_never_into_a_checkpoint(tmp_path):
+def test_evaluation_goes_beside_the_adapter_and_never_into_a_checkpoint(tmp_path, monkeypatch):
     import importlib.util
     from types import SimpleNamespace
     spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE)
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
-    run = tmp_path / "run"
+    run = tmp_path.resolve() / "run"
     cases = [(run / "adapter", run / "evaluation"),
              (run / "checkpoints" / "step-000040" / "adapter", run / "evaluation" / "step-000040"),
-             (tmp_path / "copies" / "adapter", tmp_path / "copies" / "evaluation")]
+             (run.parent / "copies" / "adapter", run.parent / "copies" / "evaluation")]
     for adapter, expected in cases:
         assert evaluate.default_out_dir(SimpleNamespace(adapter=str(adapter), config=None), None) == expected
+    (run / "checkpoints" / "step-000040" / "adapter").mkdir(parents=True)  # the same, through a link or from inside
+    (run / "latest").symlink_to(run / "checkpoints" / "step-000040")
+    assert evaluate.default_out_dir(SimpleNamespace(adapter=str(run / "latest" / "adapter"), config=None), None) == \
+        run / "evaluation" / "step-000040"
+    monkeypatch.chdir(run / "checkpoints" / "step-000040")
+    assert evaluate.default_out_dir(SimpleNamespace(adapter="adapter", config=None), None) == \
+        run / "evaluation" / "step-000040"
     cfg = SimpleNamespace(output_dir=str(run))  # the base alone: the run config's output_dir, or here
     assert evaluate.default_out_dir(SimpleNamespace(adapter=None, config="c.yaml"), cfg) == run / "evaluation"
     assert evaluate.default_out_dir(SimpleNamespace(adapter=None, config=None), cfg) == Path("evaluation")

@@ -332,13 +332,20 @@ def test_an_unreadable_old_checkpoint_state_does_not_stop_rotation_or_resume(tmp
     assert [ckpt.saved_step(p) for p in ckpt.complete_checkpoints(tmp_path)] == [3, 4]
 
 
-def test_stale_adapter_temporaries_are_removed(tmp_path):
+def test_stale_adapter_temporaries_are_removed_and_a_lone_old_adapter_put_back(tmp_path):
     for name in (".adapter.tmp", ".adapter.old", "checkpoints/.step-000004.tmp"):
         (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"half")
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(name.encode())
     (tmp_path / "adapter").mkdir()
     ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "checkpoints"]
+    # a crash between the two renames of commit_directory: the previous adapter exists only as .adapter.old
+    (tmp_path / "adapter").rename(tmp_path / ".adapter.old")
+    (tmp_path / ".adapter.old" / "adapter_model.safetensors").write_bytes(b"previous")
+    (tmp_path / ".adapter.tmp").mkdir()
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoints"]
 
 
 def test_rotation_in_a_run_keeps_newest_plus_best(tmp_path):
@@ -617,3 +624,17 @@ def test_a_preemption_signal_in_the_final_evaluation_checkpoints_and_resuming_fi
                                                     "training.resume_from=auto"])).train()
     assert resumed["steps"] == 4 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert resumed["final_eval_loss"] == reference["final_eval_loss"]
+
+
+def test_a_checkpoint_copied_under_another_name_resumes(checkpointed_run):
+    """resume_from takes any checkpoint directory: its step comes from its verified trainer_state.json."""
+    import shutil
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    out, step8 = checkpointed_run
+    kept = out / "elsewhere" / "kept-best"
+    shutil.copytree(step8, kept)
+    cfg = load_config(None, [f"output_dir={out}", *RUN, "training.save_steps=8", f"training.resume_from={kept}",
+                             "training.max_steps=10"])
+    assert in_process_trainer(cfg).train()["steps"] == 10
+    assert [m["step"] for m in read_metrics(out) if "loss" in m][-3:] == [8, 9, 10]

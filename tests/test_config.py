@@ -103,6 +103,16 @@ def test_misshapen_recipes_get_errors_that_say_what_is_wrong(tmp_path, text, mes
         load_config(recipe)
 
 
+def test_yaml_merge_keys_still_merge_and_an_unhashable_key_is_one_line(tmp_path):
+    from phi3_lora.config import read_yaml
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("shared: &common\n  max_steps: 3\n  seed: 5\ntraining:\n  <<: *common\n  seed: 7\n")
+    assert read_yaml(recipe)["training"] == {"max_steps": 3, "seed": 7}
+    recipe.write_text("training:\n  [a]: 1\n")
+    with pytest.raises(ConfigError, match=r"r.yaml line 2: not valid YAML \(found unhashable key\)$"):
+        read_yaml(recipe)
+
+
 def test_a_section_given_a_value_on_the_command_line_is_named():
     with pytest.raises(ConfigError, match=r"^'lora' \(command line\) is a section: give its keys"):
         load_config(None, ["lora=8"])

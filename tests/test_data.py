@@ -262,6 +262,8 @@ def _chat(user="a", system=None):
     ("latin1.jsonl",
      (json.dumps(_chat()) + "\n" + json.dumps(_chat("caf\u00e9"), ensure_ascii=False)).encode("latin-1"),
      r"latin1.jsonl line 2: not UTF-8 text"),
+    ("bom.jsonl", b"\xef\xbb\xbf" + json.dumps(_chat()).encode() + b"\n\xff\n",
+     r"bom.jsonl line 2: not UTF-8 text \(invalid start byte at byte %d\)" % (3 + len(json.dumps(_chat())) + 1)),
     ("one.json", json.dumps(_chat(), indent=2).encode(), r"one.json: one JSON object; expected a list of rows"),
     ("rows.json", json.dumps([_chat(), [1, 2]]).encode(), r"rows.json row 1: expected a JSON object, got list"),
     ("rows.jsonl", (json.dumps(_chat()) + "\n\n7\n").encode(), r"rows.jsonl line 3: expected a JSON object, got int"),

@@ -178,7 +178,7 @@ def test_merge_of_a_qlora_adapter_is_the_model_as_trained(qlora_run, tmp_path):
         proc = run_script([sys.executable, str(ROOT / "scripts" / "merge_adapter.py"), "--adapter",
                            str(qlora_run / "adapter"), "--out", str(tmp_path / base), "--dtype", "float32",
                            "--qlora_base", base, "--device", "cpu"])
-        assert ("into its 4-bit base dequantized to float32" in proc.stdout) == (base == "dequantized"), proc.stdout
+        assert ("into its quantized base dequantized to float32" in proc.stdout) == (base == "dequantized"), proc.stdout
         model = AutoModelForCausalLM.from_pretrained(str(tmp_path / base), dtype=torch.float32).eval()
         merged[base] = _eval_loss_and_logits(model, batch)
     torch.testing.assert_close(merged["dequantized"][1][mask], as_trained[1][mask], atol=1e-4, rtol=1e-4)
