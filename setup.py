@@ -12,12 +12,14 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["phi3_lora", "phi3_lora.*"]),
+    # Below the next major versions: this code follows some of their internals (peft's adapter-input casts,
+    # bitsandbytes' CPU kernel switch, accelerate's launcher), each checked by a test at the versions in use.
     install_requires=[
         "torch>=2.5",  # flex attention, is_bf16_supported(including_emulation=)
-        "accelerate>=1.10",
-        "transformers>=5.0",
-        "peft>=0.17",
-        "datasets>=3.0",
+        "accelerate>=1.10,<2",
+        "transformers>=5.0,<6",
+        "peft>=0.17,<1",
+        "datasets>=3.0,<6",
         "safetensors>=0.4",
         "tensorboard>=2.15",
         "loralib>=0.1.2",
@@ -25,9 +27,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "qlora": ["bitsandbytes>=0.45"],
-        "deepspeed": ["deepspeed>=0.16"],
-        "bench": ["trl>=0.20", "bitsandbytes>=0.45"],  # benchmarks/: trl's SFTTrainer side, QLoRA runs
-        "dev": ["pytest>=8", "bitsandbytes>=0.45", "deepspeed>=0.16", "trl>=0.20"],
+        "qlora": ["bitsandbytes>=0.45,<1"],
+        "deepspeed": ["deepspeed>=0.16,<1"],
+        "bench": ["trl>=0.20,<2", "bitsandbytes>=0.45,<1"],  # benchmarks/: trl's SFTTrainer side, QLoRA runs
+        "dev": ["pytest>=8", "bitsandbytes>=0.45,<1", "deepspeed>=0.16,<1", "trl>=0.20,<2"],
     },
 )

@@ -27,7 +27,7 @@ optimizer   adamw_torch, paged_adamw_32bit: 8 bytes per adapter parameter (two f
             DeepSpeed (Z >= 1) adds the fp32 master copy, 4 P_lora. ZeRO >= 1: / N. (Paged
             states may move to CPU memory under pressure; they are counted on the GPU here.)
 activations per token of one decoder layer, kept for backward (sdpa, flash and flex attention
-            keep no T x T matrix; eager attention's is added below):
+            keep no T x T matrix; eager attention's is added below; sdpa's mask below):
               A = 2 * 4h                               fp32 copies inside the two RMSNorms
                 + a (h + (h + 2g) + h + g + h)          qkv input, qkv output (v is a view of it),
                                                        rotated q and k, attention output
@@ -38,6 +38,11 @@ activations per token of one decoder layer, kept for backward (sdpa, flash and f
             T (4h + a h) (the final norm's fp32 copy and lm_head's input), and T a h more with
             a chunked loss (the hidden states' gradient, computed with the loss, kept for backward).
             With checkpointing one layer's A T is recomputed during backward.
+            sdpa gets an explicit mask wherever packing, padding or a sliding window is in play (the GPU
+            recipes pack; Phi-3-mini-4k's 2,047-token window needs one from 2,048 tokens on), and each
+            layer's call converts it to the compute dtype and keeps that copy for backward: b S^2 a
+            bytes (b = per_device_batch_size, S = max_seq_len) added to A T, the worst case (an unpacked,
+            unpadded batch without a window has none). 34 MB a layer at b = 1, S = 4096 in bf16.
             eager attention keeps each layer's attention probabilities for backward, b H S^2 (4 + a)
             bytes (b = per_device_batch_size, H heads, S = max_seq_len): the fp32 softmax and its
             16-bit copy (one tensor when a = 4, 4 bytes); added to A T. Its evaluation holds one
@@ -292,7 +297,8 @@ def estimate(cfg: Config, shape: Shape, zero_stage: int = 0, num_gpus: int = 1,
         per_token += ((a + 1) * fan_in if lora.dropout > 0 else 0) + a * lora.r
     # eager attention's probabilities, per example and layer: kept for backward, and held during an evaluation
     scores = shape.num_attention_heads * cfg.data.max_seq_len ** 2 if m.attn_implementation == "eager" else 0
-    one_layer = per_token * tokens + t.per_device_batch_size * scores * (4 + (a if a != 4 else 0))
+    mask = a * cfg.data.max_seq_len ** 2 if m.attn_implementation == "sdpa" else 0  # sdpa's mask, per example
+    one_layer = per_token * tokens + t.per_device_batch_size * (scores * (4 + (a if a != 4 else 0)) + mask)
     chunk = effective_chunk_size(t.loss_chunk_size, zero_stage)
     selected = a * h if chunk else 0  # the hidden states' gradient (training) or their copy (evaluation)
     kept = (L * a * h * tokens if ckpt else L * one_layer) + tokens * (4 * h + a * h + selected)

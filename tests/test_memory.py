@@ -53,7 +53,7 @@ def by_hand(n_gpus=1, zero=0, checkpointing=True):
     # LoRA dropout (2+1)*in and lora_A output 2*32 on qkv (in 64) and down (in 160)
     per_token = 8 * 64 + 2 * (64 + 128 + 64 + 32 + 64) + 2 * (64 + 320 + 160 + 160) \
         + (3 * 64 + 2 * 32) + (3 * 160 + 2 * 32)      # 3424
-    one_layer = per_token * tokens
+    one_layer = per_token * tokens + 2 * (128 * 128 * 2)  # + sdpa's mask in bf16, kept by each layer, per example
     chunked = zero != 3                               # the loss in chunks of 100 positions (whole under ZeRO-3)
     final = tokens * (4 * 64 + 2 * 64)                # final norm's fp32 copy and lm_head's input
     final += tokens * 2 * 64 if chunked else 0        # the hidden states' gradient the chunked loss keeps
@@ -116,8 +116,40 @@ def test_eager_attention_adds_the_probabilities_it_keeps(dtype):
             model(input_ids=torch.randint(3, 200, (1, 1024)), use_cache=False)
         saved[kernel] = sum(storages.values())
     per_layer = 1 * 8 * 1024 ** 2 * (6 if dtype == "bfloat16" else 4)
-    assert estimated["eager"] - estimated["sdpa"] == per_layer
+    sdpa_mask = 1024 ** 2 * (2 if dtype == "bfloat16" else 4)  # estimated for sdpa, absent here (next test)
+    assert estimated["eager"] - (estimated["sdpa"] - sdpa_mask) == per_layer
     assert saved["eager"] - saved["sdpa"] == pytest.approx(2 * per_layer, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdpa_keeps_a_mask_a_layer_where_it_gets_one(dtype):
+    """Packed rows give sdpa an explicit mask (so do padding and a sliding window); each layer's call converts
+    it to the compute dtype and keeps that copy for backward: b S^2 a bytes a layer, measured on the tiny
+    model's real layers (saved tensors, packed minus unpacked), which is what the estimate adds for sdpa."""
+    import torch
+
+    from phi3_lora.model import load_model, load_tokenizer
+    settings = ["model.tiny_layers=2", "model.tiny_hidden_size=64", f"model.dtype={dtype}", "data.max_seq_len=1024",
+                "training.per_device_batch_size=1", "training.mixed_precision=no"]
+    cfg = load_config(None, settings)
+    flash = load_config(None, [*settings, "model.attn_implementation=flash_attention_2"])
+    mask = 1024 ** 2 * (2 if dtype == "bfloat16" else 4)
+    assert estimate(cfg, model_shape(cfg)[0]).one_layer - estimate(flash, model_shape(flash)[0]).one_layer == mask
+    model = load_model(cfg.model, load_tokenizer(cfg.model), seed=0).train()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    ids = torch.randint(3, 200, (1, 1024))
+    saved = {}
+    for packed in (False, True):
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor
+            return tensor
+        positions = torch.cat([torch.arange(512), torch.arange(512)])[None] if packed else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, position_ids=positions, use_cache=False)
+        saved[packed] = sum(t.untyped_storage().nbytes() for t in storages.values())
+    assert saved[True] - saved[False] == 2 * mask  # two layers
 
 
 @pytest.mark.parametrize("settings", [

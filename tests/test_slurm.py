@@ -89,6 +89,10 @@ def test_gpus_per_node_comes_from_slurm_then_cuda_then_the_flag():
     assert launch.topology_from_env(env, cuda_devices=8).num_processes == 2 * 4
     assert launch.topology_from_env(slurm_env("gpu[01-02]", 0), cuda_devices=8).num_processes == 2 * 8
     assert launch.topology_from_env(env, cuda_devices=8, gpus_per_node=2).num_processes == 2 * 2
+    # SLURM allots 4 but CUDA_VISIBLE_DEVICES narrowed the node to 2: one process per GPU CUDA sees
+    assert launch.topology_from_env(env, cuda_devices=2).num_processes == 2 * 2
+    with pytest.raises(launch.LaunchError, match=r"^--gpus_per_node 4: this node's CUDA sees 2 GPU\(s\)$"):
+        launch.topology_from_env(env, cuda_devices=2, gpus_per_node=4)
 
 
 def test_cpu_nodes_run_one_ddp_process_each():
@@ -145,12 +149,14 @@ def test_launcher_prints_and_dry_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- signals, without SLURM
 
-def start_local_launch(out, **env):
-    """launch.py on one 'node' with two CPU processes of the preemptible stand-in worker."""
+def start_local_launch(out, processes=2, **env):
+    """launch.py on one 'node' with ``processes`` CPU processes of the preemptible stand-in worker, in a process
+    group of its own (as a SLURM job step's)."""
     full_env = {**os.environ, **slurm_env("localhost", 0, job_id=str(os.getpid())), "PYTHONUNBUFFERED": "1", **env}
-    command = [sys.executable, str(SLURM / "launch.py"), "--gpus_per_node", "2", str(WORKER), f"output_dir={out}"]
+    command = [sys.executable, str(SLURM / "launch.py"), "--gpus_per_node", str(processes), str(WORKER),
+               f"output_dir={out}"]
     return subprocess.Popen(command, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
 def wait_for_files(paths, proc, timeout=120):
@@ -172,6 +178,18 @@ def test_launcher_forwards_signals_to_the_training_processes(tmp_path, sig):
     assert proc.returncode == 75, output[-3000:]
     assert [(tmp_path / f"signalled.rank{r}").read_text() for r in (0, 1)] == [sig.name, sig.name]
     assert f"forwarded {sig.name} to training processes" in output
+
+
+def test_a_single_process_launch_gives_the_run_time_to_save_on_sigterm(tmp_path):
+    """SIGTERM to the whole step, as SLURM sends it: accelerate's launcher of one process (no torchrun) would
+    SIGKILL its child 5 s later; through accelerate_agent.py it waits, so a worker that takes 8 s to save
+    still saves and exits 75."""
+    proc = start_local_launch(tmp_path, processes=1, WORKER_SAVE_SECONDS="8")
+    wait_for_files([tmp_path / "started.rank0.attempt0"], proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, output[-3000:]
+    assert (tmp_path / "signalled.rank0").read_text() == "SIGTERM"
 
 
 def test_launcher_passes_failures_through(tmp_path):

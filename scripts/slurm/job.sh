@@ -25,7 +25,7 @@ fi
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST} at $(date -Is)"
 # One task per node; each runs accelerate launch for its GPUs. Exit statuses: srun gives the highest.
 srun --ntasks-per-node=1 --ntasks="${SLURM_NNODES}" --label "${PYTHON:-python3}" "${launch[@]}" \
-  "${TRAIN_SCRIPT:-scripts/train.py}" "${resume[@]}" "$@"
+  "${TRAIN_SCRIPT:-scripts/train.py}" ${resume[@]+"${resume[@]}"} "$@"
 status=$?
 if [ "$status" -eq "$EX_PREEMPTED" ]; then
   echo "job ${SLURM_JOB_ID}: preempted (status 75), requeueing at $(date -Is); it resumes from its newest checkpoint"

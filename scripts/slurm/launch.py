@@ -138,7 +138,8 @@ def topology_from_env(env: Mapping[str, str], cuda_devices: int, gpus_per_node: 
     Args:
         env: the environment (``os.environ`` inside an ``srun`` task).
         cuda_devices: GPUs CUDA sees on this node (0 = train on the CPU, one process per node).
-        gpus_per_node: processes per node, overriding SLURM_GPUS_ON_NODE and the CUDA count.
+        gpus_per_node: processes per node, overriding SLURM_GPUS_ON_NODE (capped by the CUDA count) and the
+            CUDA count; more than CUDA sees is an error.
         port: the rendezvous port, overriding the one derived from SLURM_JOB_ID.
 
     Raises:
@@ -162,9 +163,13 @@ def topology_from_env(env: Mapping[str, str], cuda_devices: int, gpus_per_node: 
             raise LaunchError("SLURM_JOB_ID is not set: give --main_process_port")
         port = job_port(job_id)
     on_gpu = cuda_devices > 0
-    procs = gpus_per_node or (_int_env(env, "SLURM_GPUS_ON_NODE") if on_gpu else None) or cuda_devices or 1
+    allotted = _int_env(env, "SLURM_GPUS_ON_NODE") if on_gpu else None
+    # SLURM's count, but never more than CUDA sees (CUDA_VISIBLE_DEVICES narrowed inside the job)
+    procs = gpus_per_node or (min(allotted, cuda_devices) if allotted else None) or cuda_devices or 1
     if procs < 1:
         raise LaunchError(f"processes per node must be at least 1, got {procs}")
+    if on_gpu and procs > cuda_devices:
+        raise LaunchError(f"--gpus_per_node {procs}: this node's CUDA sees {cuda_devices} GPU(s)")
     return Topology(hosts=hosts, machine_rank=rank, procs_per_node=procs, port=port, on_gpu=on_gpu)
 
 

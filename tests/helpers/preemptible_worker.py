@@ -3,7 +3,8 @@
 Takes the training script's arguments and uses only ``output_dir=DIR``. It writes
 ``DIR/started.rank{R}.attempt{A}`` (A = SLURM_RESTART_COUNT, 0 outside SLURM). On its first attempt it
 waits for SIGUSR1 or SIGTERM, records it in ``DIR/signalled.rank{R}`` and exits 75 ("checkpoint saved,
-requeue me"); ``WORKER_EXIT=N`` makes it exit N at once instead. On a later attempt it writes
+requeue me"), after ``WORKER_SAVE_SECONDS`` (default 0) spent "saving"; ``WORKER_EXIT=N`` makes it exit N
+at once instead. On a later attempt it writes
 ``DIR/finished.rank{R}`` and exits 0, as a resumed run that completes.
 """
 
@@ -34,6 +35,7 @@ def main() -> int:
         time.sleep(0.05)
     if not received:
         return 1
+    time.sleep(float(os.environ.get("WORKER_SAVE_SECONDS", "0")))
     (out / f"signalled.rank{rank}").write_text(signal.Signals(received[0]).name)
     return EX_PREEMPTED
 
