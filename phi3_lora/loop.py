@@ -625,7 +625,9 @@ class Trainer:
         adapter = self.save_adapter()
         step_parts = whole_run.step_time_parts()
         in_steps = whole_run.steps * sum(step_parts.values())  # training only: no evaluation, no saving
-        utilisation = self._mfu(whole_run.total / max(in_steps, 1e-9))
+        # None when this attempt made no step (resumed at the last one to evaluate and finish)
+        rate_in_steps = whole_run.total / max(in_steps, 1e-9) if whole_run.steps else None
+        utilisation = self._mfu(rate_in_steps) if rate_in_steps is not None else None
         summary = {
             "steps": p.step, "epochs_completed": p.epoch, "final_train_loss": p.last_train_loss,
             "first_eval_loss": p.eval_losses[0][1] if p.eval_losses else None,
@@ -633,7 +635,7 @@ class Trainer:
             "supervised_tokens": p.supervised_tokens,
             "supervised_tokens_per_second": p.supervised_tokens / max(p.train_seconds, 1e-9),
             "tokens_this_run": whole_run.total,
-            "tokens_per_second_in_steps": whole_run.total / max(in_steps, 1e-9),
+            "tokens_per_second_in_steps": rate_in_steps,
             "mfu": utilisation, **step_parts, "peak_memory_gb": peak_memory_gb(),
             "wall_time_seconds": p.train_seconds, "wall_time_this_attempt_seconds": wall_time,
             "num_processes": acc.num_processes,
@@ -654,7 +656,7 @@ class Trainer:
             f"{'' if p.train_seconds == wall_time else f' ({wall_time:.1f}s in this attempt)'}, "
             f"{summary['supervised_tokens_per_second']:.0f} "
             f"supervised tokens/s on {acc.num_processes} process(es); "
-            f"{summary['tokens_per_second_in_steps']:.0f} tokens/s in the steps"
+            f"{'no steps in this attempt' if rate_in_steps is None else f'{rate_in_steps:.0f} tokens/s in the steps'}"
             f"{'' if utilisation is None else f', MFU {100 * utilisation:.1f}%'}, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB\n"
             f"  final train loss {_fmt(p.last_train_loss)}, eval loss {_fmt(summary['first_eval_loss'])} -> "

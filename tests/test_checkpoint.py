@@ -623,6 +623,7 @@ def test_a_preemption_signal_in_the_final_evaluation_checkpoints_and_resuming_fi
     resumed = in_process_trainer(load_config(None, [f"output_dir={tmp_path / 'run'}", *settings,
                                                     "training.resume_from=auto"])).train()
     assert resumed["steps"] == 4 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert resumed["tokens_per_second_in_steps"] is None  # no step in that attempt: no rate, rather than 0
     assert resumed["final_eval_loss"] == reference["final_eval_loss"]
 
 
