@@ -624,7 +624,7 @@ class Trainer:
         self._count_train_seconds()
         adapter = self.save_adapter()
         step_parts = whole_run.step_time_parts()
-        in_steps = whole_run.steps * sum(step_parts.values())  # training only: no evaluation, no saving
+        in_steps = sum(whole_run.seconds.values())  # training only: no evaluation, no saving
         # None when this attempt made no step (resumed at the last one to evaluate and finish)
         rate_in_steps = whole_run.total / max(in_steps, 1e-9) if whole_run.steps else None
         utilisation = self._mfu(rate_in_steps) if rate_in_steps is not None else None
@@ -653,9 +653,9 @@ class Trainer:
         acc.end_training()
         acc.print(
             f"\ndone: {p.step} steps in {p.train_seconds:.1f}s"
-            f"{'' if p.train_seconds == wall_time else f' ({wall_time:.1f}s in this attempt)'}, "
+            f"{'' if self.resume_dir is None else f' ({wall_time:.1f}s in this attempt)'}, "
             f"{summary['supervised_tokens_per_second']:.0f} "
-            f"supervised tokens/s on {acc.num_processes} process(es); "
+            f"supervised tokens/s over the run (evaluations and saves included) on {acc.num_processes} process(es); "
             f"{'no steps in this attempt' if rate_in_steps is None else f'{rate_in_steps:.0f} tokens/s in the steps'}"
             f"{'' if utilisation is None else f', MFU {100 * utilisation:.1f}%'}, "
             f"peak memory {summary['peak_memory_gb']:.2f} GB\n"

@@ -26,12 +26,13 @@ def linear_module_names(model) -> list[str]:
 
 
 def check_targets(model, targets: list[str]) -> None:
-    """Every requested target must name at least one linear layer of the model other than ``lm_head``, as peft
-    matches them: the whole name or a suffix after a dot (``qkv_proj``, ``self_attn.qkv_proj``,
+    """Every requested target must name at least one linear layer of the model other than ``lm_head``, or
+    ``embed_tokens`` (peft adapts embeddings too), as peft matches them: the whole name or a suffix after a dot (``qkv_proj``, ``self_attn.qkv_proj``,
     ``layers.31.mlp.down_proj``)."""
     if targets == ["all-linear"]:
         return
-    names = [n for n in linear_module_names(model) if n.rsplit(".", 1)[-1] != "lm_head"]
+    embeddings = [n for n, module in model.named_modules() if isinstance(module, torch.nn.Embedding)]
+    names = [n for n in linear_module_names(model) + embeddings if n.rsplit(".", 1)[-1] != "lm_head"]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in names})

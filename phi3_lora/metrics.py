@@ -65,9 +65,10 @@ class Throughput:
         for part, value in seconds.items():
             self.seconds[part] += value
 
-    def step_time_parts(self) -> dict[str, float]:
-        """Mean seconds per optimizer step spent in each part since the last reset."""
-        return {f"step_{part}_seconds": value / max(self.steps, 1) for part, value in self.seconds.items()}
+    def step_time_parts(self) -> dict[str, float | None]:
+        """Mean seconds per optimizer step spent in each part since the last reset (None without a step)."""
+        return {f"step_{part}_seconds": value / self.steps if self.steps else None
+                for part, value in self.seconds.items()}
 
     def rates(self) -> tuple[float, float]:
         """(supervised tokens/s, all tokens/s) since the last reset, time spent ``paused`` left out."""

@@ -64,7 +64,11 @@ def longest_sequence(cfg, shape, zero_stage, num_gpus, card_bytes, step=256) -> 
     return best
 
 
-def largest_batch(cfg, shape, zero_stage, num_gpus, card_bytes, limit=64) -> int:
+BATCH_SEARCH_LIMIT = 64
+
+
+def largest_batch(cfg, shape, zero_stage, num_gpus, card_bytes, limit=BATCH_SEARCH_LIMIT) -> int:
+    """The largest per_device_batch_size up to ``limit`` whose estimate fits ``card_bytes``, 0 if none."""
     best = 0
     for batch in range(1, limit + 1):
         trial = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, per_device_batch_size=batch))
@@ -78,7 +82,9 @@ def cards_table(cfg, shape, zero_stage, num_gpus, cards) -> str:
     t, seq = cfg.training, cfg.data.max_seq_len
     lines = [f"| GPU | this recipe (batch {t.per_device_batch_size}, seq {seq}) | longest seq at batch 1 | "
              f"largest batch at seq {seq} |", "| --- | --- | --- | --- |"]
-    one = dataclasses.replace(cfg, training=dataclasses.replace(t, per_device_batch_size=1))
+    # batch 1 in evaluation too: the recipe's evaluation batch would otherwise set the longest sequence
+    one = dataclasses.replace(cfg, training=dataclasses.replace(t, per_device_batch_size=1,
+                                                                per_device_eval_batch_size=1))
     need = estimate(cfg, shape, zero_stage, num_gpus).card
     for gb in cards:
         card = gb * GIB
@@ -86,6 +92,7 @@ def cards_table(cfg, shape, zero_stage, num_gpus, cards) -> str:
         longest = longest_sequence(one, shape, zero_stage, num_gpus, card)
         longest_text = f"{longest} (the model's limit)" if longest == shape.max_position_embeddings else longest or "-"
         batch = largest_batch(cfg, shape, zero_stage, num_gpus, card) or "-"
+        batch = f"{batch} or more (the search stops there)" if batch == BATCH_SEARCH_LIMIT else batch
         lines.append(f"| {gb:g} GB | {fits} | {longest_text} | {batch} |")
     return "\n".join(lines)
 

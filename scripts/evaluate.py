@@ -70,6 +70,13 @@ def parse_args(argv):
     return args
 
 
+def residual_init(adapter: str) -> str | None:
+    """PiSSA's or OLoRA's name when the adapter's own config records it (peft's ``init_lora_weights``): such an
+    adapter sits on a residual of the base weights. Read from the adapter, whatever ``--config`` says."""
+    init = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("init_lora_weights")
+    return init if isinstance(init, str) and (init.startswith("pissa") or init == "olora") else None
+
+
 def default_out_dir(args, cfg) -> Path:
     """``evaluation/`` beside the adapter (``OUTPUT_DIR/evaluation`` for a run's final adapter; a checkpoint's,
     ``checkpoints/step-N/adapter``, goes to ``OUTPUT_DIR/evaluation/step-N``, not into the checkpoint); without
@@ -143,9 +150,10 @@ def main(argv=None):
     cfg = run_config(args.config, args.overrides, adapter=args.adapter, model=args.model)
     settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                                   args.batch_size, args.seed)
-    if args.compare_base and cfg.lora.init in ("pissa", "olora"):
-        raise ConfigError(f"--compare_base: with lora.init={cfg.lora.init} the adapter's base is the residual of "
-                          "the original weights, not the base model; evaluate the base without --adapter instead")
+    residual = residual_init(args.adapter) if args.adapter else None
+    if args.compare_base and residual:
+        raise ConfigError(f"--compare_base: the adapter was initialised with {residual}, so its base is the residual "
+                          "of the original weights, not the base model; evaluate the base without --adapter instead")
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, cfg)
     tokenizer = load_tokenizer_for(cfg)
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad prompts fail before the model loads

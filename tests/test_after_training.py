@@ -150,7 +150,6 @@ def test_the_base_alone_is_evaluated_with_the_chunked_loss(run, tmp_path):
     (EVALUATE, ["--max_new_tokens", "-1", "--prompts", "PROMPTS"], "--max_new_tokens: must be at least 1, got -1"),
     (EVALUATE, ["--do_sample", "--temperature", "0", "--prompts", "PROMPTS"],
      "--temperature: must be greater than 0 to sample, got 0.0"),
-    (EVALUATE, ["--compare_base", "lora.init=pissa"], "--compare_base: with lora.init=pissa the adapter's base is"),
     (EVALUATE, ["--out_dir", "FILE", "--prompts", "PROMPTS"], "FILE: exists and is not a directory"),
     (MERGE, ["--out", "FILE"], "is not a directory"),
     (MERGE, ["--out", "NEW", "--max_shard_size", "abc"], "--max_shard_size: expected a size such as 5GB"),
@@ -166,6 +165,21 @@ def test_bad_options_are_one_line_before_anything_loads(run, tmp_path, script, a
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
     assert (tmp_path / "FILE").read_text() == "not a directory" and not (tmp_path / "new").exists()
+
+
+def test_compare_base_is_refused_for_an_adapter_on_a_residual_whatever_the_config_says(run, tmp_path):
+    """A PiSSA adapter's base is the residual W - B0 A0: --compare_base would report that as "the base". The
+    adapter's own config decides (its init_lora_weights), not --config, which may be the recipe without it."""
+    import shutil
+    shutil.copytree(run / "adapter", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    proc = run_script([sys.executable, EVALUATE, "--config", str(run / "config.yaml"), "--adapter",
+                       str(tmp_path / "adapter"), "--compare_base"], env=ONE_THREAD, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --compare_base: the adapter was initialised with pissa, so its base is the residual of the original "
+        "weights, not the base model; evaluate the base without --adapter instead")
 
 
 def test_a_config_that_rebuilds_another_base_than_the_adapters_warns(run, tmp_path, caplog):

@@ -624,6 +624,7 @@ def test_a_preemption_signal_in_the_final_evaluation_checkpoints_and_resuming_fi
                                                     "training.resume_from=auto"])).train()
     assert resumed["steps"] == 4 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert resumed["tokens_per_second_in_steps"] is None  # no step in that attempt: no rate, rather than 0
+    assert resumed["step_forward_backward_seconds"] is None and resumed["mfu"] is None
     assert resumed["final_eval_loss"] == reference["final_eval_loss"]
 
 

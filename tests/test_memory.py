@@ -4,6 +4,7 @@ The expected figures below are worked out from the formulas in phi3_lora/memory.
 written out number by number for a small shape, not taken from the estimator's output.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run_script
 from phi3_lora.config import ConfigError, load_config
-from phi3_lora.memory import estimate, model_shape
+from phi3_lora.memory import GIB, estimate, model_shape
 
 SCRIPT = ROOT / "scripts" / "estimate_memory.py"
 
@@ -157,7 +158,8 @@ def test_sdpa_keeps_a_mask_a_layer_where_it_gets_one(dtype):
     ["lora.backend=loralib", "lora.qkv_enable=[true,false,true]"],
     ["lora.backend=loralib", "model.tiny_kv_heads=2", "lora.qkv_enable=[false,true,true]"],
     ["lora.backend=loralib", "lora.target_modules=[qkv_proj,gate_up_proj,embed_tokens]"],
-], ids=["peft", "peft-two-targets", "loralib-q-v", "loralib-gqa-k-v", "loralib-embedding"])
+    ["lora.target_modules=[qkv_proj,embed_tokens]"],
+], ids=["peft", "peft-two-targets", "loralib-q-v", "loralib-gqa-k-v", "loralib-embedding", "peft-embedding"])
 def test_adapter_parameters_are_those_of_the_built_model(settings):
     """The estimate's adapter count is the trainable parameter count of the model each backend builds."""
     from phi3_lora.lora import attach_lora, parameter_counts
@@ -204,6 +206,28 @@ def test_script_prints_the_breakdown_and_card_table(small_model, tmp_path):
     record = json.loads(out.read_text())
     assert record["peak"] == pytest.approx(by_hand(2, 2, True)["peak"], rel=1e-12)
     assert record["zero_stage"] == 2 and record["num_gpus"] == 2
+
+
+def test_card_table_takes_batch_1_in_evaluation_too_and_names_its_search_limit():
+    """"Longest seq at batch 1" is training and evaluating at batch 1: the recipe's evaluation batch of 8
+    would set it otherwise. A largest batch at the search's end says so instead of passing for the answer."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("estimate_memory_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = load_config(ROOT / "configs" / "phi3-mini-128k-lora.yaml")
+    assert cfg.training.per_device_eval_batch_size > 1
+    shape, _ = model_shape(cfg)
+    card = 16 * GIB
+    at_one = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, per_device_batch_size=1,
+                                                                   per_device_eval_batch_size=1))
+    longest = script.longest_sequence(at_one, shape, 0, 1, card)
+    eval_bound = script.longest_sequence(dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, per_device_batch_size=1)), shape, 0, 1, card)
+    assert longest > eval_bound  # the evaluation batch of 8 held it down
+    table = script.cards_table(cfg, shape, 0, 1, [16, 1000])
+    assert f"| {longest} |" in table.splitlines()[2]
+    assert table.splitlines()[3].endswith(f"| {script.BATCH_SEARCH_LIMIT} or more (the search stops there) |")
 
 
 def test_script_unknown_model_is_one_line_error(tmp_path):
