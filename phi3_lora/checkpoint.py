@@ -6,8 +6,9 @@ collecting the adapter gathers the trainable parameters — only those — on ev
 collective); only the main process writes. Loading applies the file with ``strict=False`` and
 then *checks*: every key in the file must land on an adapter parameter of the model (else the file
 is for another model, its prefix is foreign, or it would overwrite frozen base weights), and every
-adapter parameter of the model must be covered; only missing base keys are expected. Prefixes of DDP (``module.``), torch.compile and
-peft (``base_model.model.``, adapter names) are normalised first. A wrong shape names both ranks.
+adapter parameter of the model must be covered; only missing base keys are expected. Prefixes of
+DDP (``module.``), torch.compile and peft (``base_model.model.``, adapter names) are normalised
+first. A wrong shape names both ranks.
 
 **Resumable checkpoints** live in ``output_dir/checkpoints/step-NNNNNN/``: ``adapter/``, the
 optimizer and LR scheduler states (and fp16's loss scale, ``scaler.json``), every process's RNG

@@ -27,8 +27,8 @@ def linear_module_names(model) -> list[str]:
 
 def check_targets(model, targets: list[str]) -> None:
     """Every requested target must name at least one linear layer of the model other than ``lm_head``, or
-    ``embed_tokens`` (peft adapts embeddings too), as peft matches them: the whole name or a suffix after a dot (``qkv_proj``, ``self_attn.qkv_proj``,
-    ``layers.31.mlp.down_proj``)."""
+    ``embed_tokens`` (peft adapts embeddings too), as peft matches them: the whole name or a suffix after a
+    dot (``qkv_proj``, ``self_attn.qkv_proj``, ``layers.31.mlp.down_proj``)."""
     if targets == ["all-linear"]:
         return
     embeddings = [n for n, module in model.named_modules() if isinstance(module, torch.nn.Embedding)]

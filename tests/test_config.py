@@ -92,7 +92,8 @@ def test_text_settings_keep_their_text(tmp_path):
                       r"'training:' in YAML\), not the int 5$"),
     ("training:\n  optimizer:\n    name: adamw\n",
      r"^training.optimizer: expected text, got the dict \{'name': 'adamw'\}$"),  # no hint about quoting numbers
-    ("training:\n  max_steps: 5\n  max_steps: 7\n", r"^.*r.yaml line 3: not valid YAML \('max_steps' is given twice\)$"),
+    ("training:\n  max_steps: 5\n  max_steps: 7\n",
+     r"^.*r.yaml line 3: not valid YAML \('max_steps' is given twice\)$"),
     ("training:\n  max_steps: 5\ntraining:\n  seed: 1\n", r"^.*r.yaml line 3: not valid YAML \('training' is given "
                                                          r"twice\)$"),
 ])

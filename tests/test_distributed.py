@@ -140,10 +140,10 @@ def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
 
 def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
     """A DeepSpeed JSON with numbers of its own (not "auto") that differ from the training config, precision
-    included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with a bitsandbytes optimizer,
-    which accelerate would swap for DeepSpeedCPUAdam; torch.compile under ZeRO-3, whose parameter hooks recompile each layer until
-    torch.compile gives up (tried: 8 recompilations a layer already in the first evaluation): exit 2, one line,
-    nothing written."""
+    included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with a bitsandbytes
+    optimizer, which accelerate would swap for DeepSpeedCPUAdam; torch.compile under ZeRO-3, whose parameter
+    hooks recompile each layer until torch.compile gives up (tried: 8 recompilations a layer already in the
+    first evaluation): exit 2, one line, nothing written."""
     settings = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     settings.update({"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 7})
     (tmp_path / "mine.json").write_text(json.dumps(settings))
