@@ -569,6 +569,20 @@ def test_fp16_loss_scale_is_saved_and_restored(tmp_path):
     assert (fresh.get_scale(), fresh._get_growth_tracker()) == (512.0, 7)
 
 
+def signal_at_evaluation_batch(trainer, n: int) -> list:
+    """Send this process SIGUSR1 as the trainer collates its ``n``-th evaluation batch (counting every
+    evaluation); returns the list that grows by one a collated batch."""
+    collated, collate = [], trainer.eval_collate
+
+    def signalling_collate(items):
+        collated.append(1)
+        if len(collated) == n:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return collate(items)
+    trainer.eval_collate = signalling_collate
+    return collated
+
+
 def test_a_preemption_signal_stops_a_long_evaluation(tmp_path):
     """A signal that arrives during an evaluation stops it within EVAL_SIGNAL_EVERY batches, records no eval
     loss for it, and the run checkpoints and stops as preempted: the evaluation does not use up the grace time."""
@@ -579,14 +593,7 @@ def test_a_preemption_signal_stops_a_long_evaluation(tmp_path):
                              "training.per_device_eval_batch_size=1"])
     with PreemptionFlag(["SIGUSR1"]) as flag:
         trainer = in_process_trainer(cfg, flag)
-        collated, collate = [], trainer.eval_collate
-
-        def signalling_collate(items):
-            collated.append(1)
-            if len(collated) == 24 + 3:  # the 3rd batch of the evaluation after step 2
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return collate(items)
-        trainer.eval_collate = signalling_collate
+        collated = signal_at_evaluation_batch(trainer, 24 + 3)  # the 3rd batch of the evaluation after step 2
         with pytest.raises(ckpt.Preempted, match="stopped by SIGUSR1 after step 2: checkpoint .*step-000002 saved"):
             trainer.train()
     assert len(collated) == 24 + EVAL_SIGNAL_EVERY  # the whole first evaluation, then up to the next check
@@ -608,14 +615,7 @@ def test_a_preemption_signal_in_the_final_evaluation_checkpoints_and_resuming_fi
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", *settings])
     with PreemptionFlag(["SIGUSR1"]) as flag:
         trainer = in_process_trainer(cfg, flag)
-        collated, collate = [], trainer.eval_collate
-
-        def signalling_collate(items):
-            collated.append(1)
-            if len(collated) == 24 + 3:  # the 3rd batch of the final evaluation
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return collate(items)
-        trainer.eval_collate = signalling_collate
+        signal_at_evaluation_batch(trainer, 24 + 3)  # the 3rd batch of the final evaluation
         with pytest.raises(ckpt.Preempted, match="stopped by SIGUSR1 after step 4"):
             trainer.train()
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step-000004"]
