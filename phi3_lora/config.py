@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from .preemption import DEFAULT_SIGNALS
+
 TINY_MODEL = "tiny-random-phi3"
 DEMO_DATA = "demo"
 PHI3_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -179,7 +181,7 @@ class TrainingConfig:
                                    minimum=0)
     resume_from: str = _field("none", "auto = the newest complete checkpoint in output_dir (else start fresh), "
                               "a checkpoint directory, or none.")
-    preemption_signals: list[str] = _field(["SIGTERM", "SIGUSR1"], "On these signals: finish the optimizer "
+    preemption_signals: list[str] = _field(list(DEFAULT_SIGNALS), "On these signals: finish the optimizer "
                                            "step, save a checkpoint, exit with status 75 (requeue me).")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward (non-reentrant).")
     loss_chunk_size: int | None = _field(None, "Compute lm_head + cross-entropy over this many supervised tokens at "

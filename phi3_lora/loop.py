@@ -40,6 +40,7 @@ from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_fl
 from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
                     resolve_dtype)
 from .optim import build_optimizer, load_optimizer_state
+from .preemption import PreemptionFlag
 
 
 def make_accelerator(cfg: Config):
@@ -189,35 +190,6 @@ class Progress:
     window_loss_sum: float = 0.0  # token loss sum and supervised tokens since the last logged step
     window_tokens: int = 0
     train_seconds: float = 0.0  # wall time in train(), every attempt of a resumed run together
-
-
-class PreemptionFlag:
-    """Remembers that one of ``names`` (SIGTERM, SIGUSR1...) arrived; the loop checks it after each step.
-
-    A second signal during the save only sets the flag again: the save finishes and stays intact.
-    ``scripts/train.py`` installs it before anything loads (``with PreemptionFlag(...)``), so that a signal
-    during loading, tokenization or the first evaluation also ends the run as preempted (exit 75), not killed.
-    """
-
-    def __init__(self, names: list[str]):
-        self.received: int | None = None
-        self.previous = {}
-        for name in names:
-            number = getattr(signal, name)
-            self.previous[number] = signal.signal(number, self._handle)
-
-    def _handle(self, number, frame):
-        self.received = number
-
-    def restore(self) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def __enter__(self) -> PreemptionFlag:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 EVAL_SIGNAL_EVERY = 8  # evaluation batches between two checks for a preemption signal (an all-reduce each)

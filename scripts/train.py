@@ -17,6 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from phi3_lora.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402  (the standard library only)
+
+# Caught from here on: the imports below take seconds, and a signal during them, or while the model loads,
+# ends the run as preempted (exit 75), not killed. main() narrows it to training.preemption_signals.
+preemption = PreemptionFlag(DEFAULT_SIGNALS)
+
 from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E402
 
 
@@ -26,8 +32,8 @@ def main(argv=None):
     from phi3_lora.quant import bitsandbytes_unused
     if bitsandbytes_unused(cfg):  # peft would import it anyway, and its import compiles kernels (~1 s on a CPU)
         sys.modules.setdefault("bitsandbytes", None)  # an import of it now raises ImportError, as if absent
-    from phi3_lora.loop import PreemptionFlag, Trainer  # after the config is checked: --help answers in a second
-    with PreemptionFlag(cfg.training.preemption_signals) as preemption:  # from here on a signal stops it cleanly
+    from phi3_lora.loop import Trainer  # after the config is checked: --help answers in a second
+    with preemption.narrow_to(cfg.training.preemption_signals):
         Trainer(cfg, preemption).train()
 
 

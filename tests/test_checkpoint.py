@@ -497,6 +497,68 @@ def test_a_preemption_signal_before_training_stops_as_preempted(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
+def catches(pid: int, number: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for signal ``number`` (Linux: SigCgt in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (number - 1) & 1)
+
+
+def signal_once_caught(proc, number: int) -> None:
+    """Send ``number`` to the run as soon as it catches it, and check that this was during its imports:
+    scripts/train.py installs its flag before it imports torch, seconds before the loop's libraries (the
+    tokenizers library is the first of them mapped)."""
+    deadline = time.time() + 60
+    while not catches(proc.pid, number):
+        assert proc.poll() is None and time.time() < deadline, "the run never caught the signal"
+        time.sleep(0.002)
+    imported = "tokenizers" in Path(f"/proc/{proc.pid}/maps").read_text()
+    os.killpg(proc.pid, number)
+    assert not imported, "the signal is caught only once the training loop's libraries are imported"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads caught signals from Linux's /proc")
+def test_a_signal_during_the_imports_stops_as_preempted(tmp_path):
+    """SIGTERM in the first second, while torch and transformers are still being imported: exit 75 after the
+    set-up, not 143 mid-import. A signal left out of training.preemption_signals is not swallowed: caught during
+    the imports, it is delivered again once the config is read, and kills the run as it would have."""
+    proc = start(tmp_path / "run")
+    signal_once_caught(proc, signal.SIGTERM)
+    code, log = finish(proc)
+    assert code == ckpt.EXIT_PREEMPTED, log[-3000:]
+    assert "preempted: stopped by SIGTERM before training began (nothing new to save)" in log
+    assert not ckpt.complete_checkpoints(tmp_path / "run")
+
+    proc = start(tmp_path / "usr1_only", "training.preemption_signals=[SIGUSR1]")
+    signal_once_caught(proc, signal.SIGTERM)
+    code, log = finish(proc)
+    assert code == -signal.SIGTERM, log[-3000:]
+    assert "preempted" not in log and not (tmp_path / "usr1_only").exists()
+
+
+def test_narrowing_the_preemption_flag():
+    """narrow_to keeps a signal it still catches, hands the others back to their handlers, and delivers again
+    one of those that arrived meanwhile."""
+    from phi3_lora.preemption import PreemptionFlag
+    delivered = []
+    previous = signal.signal(signal.SIGUSR2, lambda number, frame: delivered.append(number))
+    try:
+        with PreemptionFlag(["SIGUSR1", "SIGUSR2"]) as flag:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert flag.received == signal.SIGUSR2 and delivered == []
+            flag.narrow_to(["SIGUSR1", "SIGINT"])
+            assert delivered == [signal.SIGUSR2] and flag.received is None
+            assert signal.getsignal(signal.SIGUSR2) not in (signal.SIG_DFL, flag._handle)
+            assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGINT) == flag._handle
+            os.kill(os.getpid(), signal.SIGUSR1)
+            flag.narrow_to(["SIGUSR1"])
+            assert flag.received == signal.SIGUSR1  # still a preemption signal: kept
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def test_exact_resume_loralib_backend(tmp_path_factory, tmp_path):
     """The cookbook's loralib backend resumes exactly too (q,v-only MergedLinear, lora_state_dict files)."""
     loralib = ["lora.backend=loralib", "lora.qkv_enable=[true,false,true]", "lora.dropout=0.1"]
