@@ -379,3 +379,47 @@ def test_a_step_the_fp16_loss_scaler_skips_does_not_advance_the_schedule(tmp_pat
     assert not trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0 ** 15
     assert trainer.scheduler.last_epoch == 1 and trainer.scheduler.get_last_lr()[0] < lr
     assert not all(torch.equal(p, before[n]) for n, p in adapters.items())
+
+
+@pytest.mark.parametrize("rslora, scaling", [(False, 8 / 4), (True, 8 / 4 ** 0.5)])
+def test_adapters_scale_by_alpha_over_r(rslora, scaling):
+    """Every adapted layer multiplies its update by lora.alpha / lora.r (alpha / sqrt(r) with rsLoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    from phi3_lora.config import LoraConfig
+    from phi3_lora.lora import attach_lora
+    from phi3_lora.tiny import tiny_phi3_config, tiny_tokenizer
+    from transformers import Phi3ForCausalLM
+    model = attach_lora(Phi3ForCausalLM(tiny_phi3_config(tiny_tokenizer(), layers=2, hidden=64)),
+                        LoraConfig(r=4, alpha=8, use_rslora=rslora), seed=0)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 2 * 4 and all(m.scaling["default"] == pytest.approx(scaling) for m in layers)
+
+
+def test_optimizer_groups_decay_matrices_only():
+    """Weight decay on trainable matrices; none on 1-D parameters (norms, biases); frozen ones left out, and so
+    is an empty group."""
+    from phi3_lora.loop import optimizer_groups
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    model[2].requires_grad_(False)
+    decayed, plain = optimizer_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert decayed["params"] == [model[0].weight]
+    assert plain["params"] == [model[0].bias, model[1].weight, model[1].bias]
+    model[0].bias.requires_grad_(False)
+    model[1].requires_grad_(False)
+    assert [g["weight_decay"] for g in optimizer_groups(model, 0.1)] == [0.1]
+
+
+def test_steps_after_an_evaluation_train_with_dropout(tmp_path):
+    """An evaluation puts the model in eval mode; the next optimizer step's adapters see their dropout again."""
+    trainer = fresh_trainer(tmp_path, "lora.dropout=0.5", "data.eval_size=8")
+    modes = []
+    dropouts = [m for name, m in trainer.model.named_modules() if name.endswith("lora_dropout.default")]
+    for module in dropouts:
+        module.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    trainer.evaluate()
+    assert modes and not any(modes)
+    modes.clear()
+    trainer.train_step(next(trainer._batches_of_epoch()))
+    assert len(modes) == len(dropouts) and all(modes)

@@ -25,6 +25,8 @@ def test_outputs_and_summary(demo_run):
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
                  "metrics.jsonl", "summary.json", "tokenizer/tokenizer.json"):
         assert (out / name).is_file(), name
+    adapter_config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 32)  # the demo's lora.r and lora.alpha
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 100 and summary["num_processes"] == 1
     assert summary["distributed_type"] == "NO"
