@@ -217,14 +217,14 @@ def commit_directory(tmp: Path, target: Path, manifest: bool = False, extra: dic
         _fsync(marker)
     _fsync(tmp)
     old = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.parent / f".{target.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
         target.rename(old)
     tmp.rename(target)
     _fsync(target.parent)
     if old is not None:
-        shutil.rmtree(old)
+        remove_path(old)
 
 
 @contextlib.contextmanager
@@ -237,22 +237,31 @@ def atomic_directory(target: str | Path):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)
     tmp.mkdir()
     try:
         yield tmp
         commit_directory(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
 
 
+def remove_path(path: Path) -> None:
+    """Delete a directory tree, a file or a symbolic link — the link, never what it points at; nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def remove_directory(path: Path) -> None:
-    """Rename, then delete: a crash half-way leaves a hidden directory, never a half checkpoint."""
+    """Rename, then delete: a crash half-way leaves a hidden entry, never a half checkpoint. A checkpoint that is
+    a symbolic link loses the link only: what it points at, outside this run's checkpoints/, stays."""
     doomed = path.parent / f".{path.name}.deleting"
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_path(doomed)
     path.rename(doomed)
-    shutil.rmtree(doomed)
+    remove_path(doomed)
 
 
 # ----------------------------------------------------------------------------- checkpoint directories
@@ -293,7 +302,7 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
     if old.is_dir() and not adapter.exists():
         old.rename(adapter)
     for p in [*stale, Path(output_dir) / ".adapter.tmp", old]:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_path(p)
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -322,11 +331,13 @@ def verify_checkpoint(path: Path) -> dict:
 
 
 def rotate(output_dir: str | Path, keep: int, protected: set[Path]) -> list[Path]:
-    """Keep the newest ``keep`` checkpoints, the best (lowest eval loss) and ``protected``; delete the rest."""
-    checkpoints = [p.resolve() for p in complete_checkpoints(output_dir)]
+    """Keep the newest ``keep`` checkpoints, the best (lowest eval loss) and ``protected``; delete the rest
+    (entries of this run's checkpoints/: one that is a symbolic link loses the link, not its target)."""
+    checkpoints = complete_checkpoints(output_dir)
     if keep <= 0 or len(checkpoints) <= keep:
         return []
-    keepers = set(checkpoints[-keep:]) | ({p.resolve() for p in protected} & set(checkpoints))
+    protected = {p.resolve() for p in protected}
+    keepers = set(checkpoints[-keep:]) | {p for p in checkpoints if p.resolve() in protected}
     scored = [(loss, p) for p in checkpoints if (loss := _eval_loss_at_save(p)) is not None]
     if scored:
         keepers.add(min(scored, key=lambda item: item[0])[1])

@@ -505,7 +505,7 @@ class Trainer:
         target = ckpt.step_directory(self.out, p.step)
         tmp = target.parent / f".{target.name}.tmp"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.remove_path(tmp)
             (tmp / "rng").mkdir(parents=True)
         acc.wait_for_everyone()
         peft_model = acc.unwrap_model(self.model)

@@ -320,6 +320,35 @@ def test_a_crash_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monk
     assert sorted(p.name for p in ckpt.checkpoints_root(tmp_path).iterdir()) == ["step-000002", "step-000003"]
 
 
+def test_rotation_deletes_a_linked_checkpoint_s_link_not_its_target(tmp_path):
+    """A checkpoint that is a symbolic link to another run's: rotation removes the link from this run's
+    checkpoints/, and the other run's checkpoint stays whole."""
+    other = fake_checkpoint(tmp_path / "other", 1, None)
+    (other / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    ckpt.checkpoints_root(tmp_path / "run").mkdir(parents=True)
+    ckpt.step_directory(tmp_path / "run", 1).symlink_to(other, target_is_directory=True)
+    fake_checkpoint(tmp_path / "run", 2, None)
+    removed = ckpt.rotate(tmp_path / "run", keep=1, protected=set())
+    assert [p.name for p in removed] == ["step-000001"]
+    assert sorted(p.name for p in ckpt.checkpoints_root(tmp_path / "run").iterdir()) == ["step-000002"]
+    assert sorted(p.name for p in other.iterdir()) == [ckpt.MARKER, "adapter_model.safetensors", "trainer_state.json"]
+
+
+def test_a_file_where_a_checkpoint_directory_goes_is_replaced(tmp_path):
+    """A stray file named like the checkpoint being saved is replaced by it; a stray hidden file under
+    checkpoints/ is cleared like a hidden directory."""
+    target = ckpt.step_directory(tmp_path, 2)
+    target.parent.mkdir(parents=True)
+    target.write_text("not a checkpoint")
+    (target.parent / ".step-000002.old").write_text("left by a crash")
+    with ckpt.atomic_directory(target) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"x")
+    assert target.is_dir() and (target / "adapter_model.safetensors").read_bytes() == b"x"
+    (target.parent / ".step-000001.tmp").write_text("left by a crash")
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step-000002"]
+
+
 def test_an_unreadable_old_checkpoint_state_does_not_stop_rotation_or_resume(tmp_path):
     """Rotation ranks old checkpoints by their trainer_state.json; a damaged or missing one is not ranked (and
     deleted as any other), instead of ending the run that is saving. Steps come from the directory names."""
