@@ -23,7 +23,9 @@ damages an earlier one. Before anything is read, every file is checked against t
 truncated, corrupted or replaced file is reported by name and never unpickled.
 
 **Safe loading.** Tensors come only from safetensors; the few other files are JSON, or torch
-files read with ``weights_only=True`` (after the checksum check; DeepSpeed reads its own files).
+files read with ``weights_only=True`` (after the checksum check). DeepSpeed's own files, which it
+reads with ``weights_only=False``, are read the same way too (``deepspeed_loads_safely``), with
+the four DeepSpeed classes its optimizer states hold allowed.
 """
 
 from __future__ import annotations
@@ -178,7 +180,51 @@ def torch_load(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read safely ({str(err).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: {_unsafe_load_reason(err)}") from None
+
+
+def _unsafe_load_reason(err: Exception) -> str:
+    """What a refused or failed tensors-only load says, in one line (not PyTorch's advice to unpickle anyway)."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if refused:
+        return (f"holds a Python object ({refused.group(1)}) that only an unpickling load would build, which "
+                "could run any code; refused")
+    if "Weights only load failed" in str(err):
+        return "not a tensors-only PyTorch file; refused (reading it would need unpickling)"
+    return f"cannot be read ({str(err).splitlines()[0][:200]})"
+
+
+# What DeepSpeed's optimizer-state files hold besides tensors and containers: its loss scalers (also in bf16
+# and fp32 runs), ZeRO's stage enum and the fragment addresses of its flat buffers.
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+@contextlib.contextmanager
+def deepspeed_loads_safely(engine):
+    """Within this context ``engine`` (a DeepSpeedEngine) reads its checkpoint files with
+    ``torch.load(weights_only=True)``, ``DEEPSPEED_SAFE_GLOBALS`` allowed, instead of its own unpickling
+    load; any other object in them is a CheckpointError naming the file."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, _, name in (g.rpartition(".") for g in DEEPSPEED_SAFE_GLOBALS)]
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path}: {_unsafe_load_reason(err)}") from None
+
+    checkpoint_engine.load = load  # an instance attribute, in front of the class's method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 # ----------------------------------------------------------------------------- atomic directories

@@ -556,8 +556,9 @@ class Trainer:
         if self.uses_deepspeed:
             if not (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved without DeepSpeed, cannot resume under DeepSpeed")
-            self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            with ckpt.deepspeed_loads_safely(self.model):  # DeepSpeed itself would unpickle its files
+                self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
             if (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")

@@ -445,9 +445,38 @@ def test_pickle_in_place_of_safetensors_never_runs(checkpointed_run, tmp_path_fa
         ckpt.read_safetensors(file)
     torch_file = path / "scheduler.pt"
     torch_file.write_bytes(pickle.dumps(Exploit(marker)))
-    with pytest.raises(ckpt.CheckpointError, match="cannot be read safely"):
+    with pytest.raises(ckpt.CheckpointError, match=r"scheduler.pt: not a tensors-only PyTorch file; refused"):
+        ckpt.torch_load(torch_file)
+    torch.save({"scheduler": Exploit(marker)}, torch_file)
+    with pytest.raises(ckpt.CheckpointError, match=r"scheduler.pt: holds a Python object \(posix.system\) that only "
+                                                   r"an unpickling load would build, which could run any code; refused$"):
         ckpt.torch_load(torch_file)
     assert not marker.exists()
+
+
+def test_deepspeed_checkpoint_files_are_read_without_unpickling(tmp_path):
+    """DeepSpeed's engine would torch.load its files with weights_only=False; within deepspeed_loads_safely it
+    reads them tensors-only, with the DeepSpeed objects its optimizer states hold allowed, and any other object
+    is refused by name — its code never runs. Outside the context the engine's own load is back."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    states, model_states, marker = tmp_path / "optim_states.pt", tmp_path / "model_states.pt", tmp_path / "pwned"
+    torch.save({"loss_scaler": LossScaler(2.0), "dynamic": DynamicLossScaler(8.0, 1000, 1.0, 2, False),
+                "zero_stage": ZeroStageEnum.gradients, "state": torch.arange(3.0)}, states)
+    torch.save({"module": {"w": torch.ones(2)}, "extra": Exploit(marker)}, model_states)
+    with ckpt.deepspeed_loads_safely(engine):
+        loaded = engine.checkpoint_engine.load(str(states), map_location=torch.device("cpu"))
+        with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{model_states}: holds a Python object "
+                                                                 "(posix.system)")):
+            engine.checkpoint_engine.load(str(model_states), map_location=lambda storage, loc: storage)
+    assert not marker.exists()
+    assert (loaded["loss_scaler"].cur_scale, loaded["dynamic"].cur_scale) == (2.0, 8.0)
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients and torch.equal(loaded["state"], torch.arange(3.0))
+    assert "load" not in vars(engine.checkpoint_engine)
 
 
 def test_fresh_start_into_a_checkpointed_dir_is_refused(checkpointed_run):
