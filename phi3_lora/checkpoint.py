@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 MARKER = "COMPLETE.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -291,6 +293,22 @@ def atomic_directory(target: str | Path):
     except BaseException:
         remove_path(tmp)
         raise
+
+
+def check_can_create(path: str | Path, what: str, directory: bool = True) -> None:
+    """Raise a ConfigError naming ``what`` (``output_dir``, ``--out``...) unless ``path`` can be written: an
+    existing directory, or (a file or a new directory) one whose nearest existing ancestor is a writable
+    directory. Checked before the work, so that it never ends with a traceback and nothing written."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise ConfigError(f"{what} {path}: exists and is {'not ' if directory else ''}a directory")
+    ancestor = path if path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{what} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {ancestor} is not writable")
 
 
 def remove_path(path: Path) -> None:

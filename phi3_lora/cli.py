@@ -38,6 +38,17 @@ def config_parser(description: str, epilog_keys: bool = True) -> argparse.Argume
     return parser
 
 
+def positive(kind=int):
+    """An argparse ``type``: a number of ``kind`` above 0 (``--num_examples -3`` is a usage error, not silence)."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError: argparse says "invalid int value"
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def config_from_args(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 

@@ -77,6 +77,9 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
         except FileNotFoundError:
             raise DataError(f"{path}: a directory, but not a dataset saved with save_to_disk (give a .json, "
                             ".jsonl or .parquet file)") from None
+        except Exception as err:  # a damaged save: its JSON, its Arrow files (pyarrow and json raise their own)
+            raise DataError(f"{path}: a dataset saved with save_to_disk, but damaged "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(f"{path}: no split '{split}' (has {', '.join(loaded)})")
@@ -94,14 +97,20 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
         raise DataError(f"could not load dataset '{path}' split '{split}': {str(err).splitlines()[0]}") from None
 
 
-def _read_json(path: Path) -> list[dict]:
-    try:  # utf-8-sig: a byte-order mark, as some editors write, is not part of the JSON
-        text = path.read_text(encoding="utf-8-sig")
+def read_utf8_text(path: Path, error=None) -> str:
+    """The text of ``path`` without a UTF-8 byte-order mark (some editors write one); bytes that are not UTF-8
+    raise ``error`` (default ``DataError``) naming the line and byte."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raw = path.read_bytes()
         at = err.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # counted after the byte-order mark
         line = raw[:at].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {at})") from None
+        raise (error or DataError)(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {at})") from None
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = read_utf8_text(path)
     one_document = path.suffix.lower() == ".json"  # else JSON Lines
     if one_document and text.lstrip().startswith("{") and "\n" in text.strip():
         try:

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .formats import DataError, check_conversation, json_lines
+from .formats import DataError, check_conversation, json_lines, read_utf8_text
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>", "<|assistant|>")
 
@@ -104,7 +104,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"prompts file not found: {path}")
     prompts = []
-    for lineno, line in json_lines(path.read_text(encoding="utf-8-sig")):
+    for lineno, line in json_lines(read_utf8_text(path)):
         where = f"{path} line {lineno}"
         try:
             row = json.loads(line)

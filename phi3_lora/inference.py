@@ -10,6 +10,7 @@ adapter, so it always belongs to it), else the run's ``config.yaml`` beside it (
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def check_adapter_dir(adapter: str | Path) -> Path:
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there (expected OUTPUT_DIR/adapter "
                           "of a training run, in PEFT format)")
     return path
+
+
+def read_adapter_config(adapter: str | Path) -> dict:
+    """The adapter's ``adapter_config.json`` (peft's settings); a damaged one is a CheckpointError naming it."""
+    file = check_adapter_dir(adapter) / "adapter_config.json"
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: {str(err).splitlines()[0]}") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(settings).__name__}")
+    return settings
 
 
 def load_tokenizer_for(cfg: Config):

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import time
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,6 +205,7 @@ class Trainer:
         self.preemption = preemption  # None: train() installs its own
         self.accelerator = acc = make_accelerator(cfg)
         check_fits_this_run(cfg, acc)
+        ckpt.check_can_create(cfg.output_dir, "output_dir")  # before the minutes of loading, not after
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
@@ -266,10 +266,18 @@ class Trainer:
         """config.yaml, metrics.jsonl (trimmed to the resumed step), TensorBoard; the main process writes."""
         acc, p = self.accelerator, self.progress
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"output_dir {self.out}: cannot be created ({err.strerror})") from None
+            if not self.resume_dir and (self.out / "adapter").is_dir():
+                acc.print(f"note: {self.out} holds an earlier run's adapter; this run replaces it when it ends "
+                          "(its metrics, TensorBoard curves and summary go now)")
             (self.out / "config.yaml").write_text(self.cfg.to_yaml())
             ckpt.remove_stale_temporaries(self.out)
             trim_metrics(self.out / "metrics.jsonl", p.step if self.resume_dir else -1)  # fresh: an old run's go
+            if not self.resume_dir:  # the earlier run's summary would describe a run no other file here belongs to
+                (self.out / "summary.json").unlink(missing_ok=True)
         # purge_step: TensorBoard drops the events of this directory's earlier writers from that step on (those an
         # interrupted run wrote after its last checkpoint; all of an earlier run's when this one starts afresh)
         purge_step = p.step + 1 if self.resume_dir else 0
@@ -544,7 +552,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Optimizer, scheduler, this process's RNG and the data position from a verified checkpoint."""
         acc = self.accelerator
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_trainer_state(path)
         if state["num_processes"] != acc.num_processes:
             raise ConfigError(f"{path} was saved by {state['num_processes']} processes, this run has "
                               f"{acc.num_processes}: resume with the same number (the data order depends on it)")
@@ -562,15 +570,21 @@ class Trainer:
         else:
             if (path / "deepspeed").is_dir():
                 raise ckpt.CheckpointError(f"{path}: saved under DeepSpeed, resume it under DeepSpeed")
-            load_optimizer_state(self.optimizer, ckpt.torch_load(path / "optimizer.pt"))  # moved to the params
+            load_optimizer_state(self.optimizer, ckpt.torch_load(path / "optimizer.pt"),  # moved to the params
+                                 source=path / "optimizer.pt")
         self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
         if acc.scaler is not None and (path / SCALER_FILE).is_file():  # else the scale starts afresh, at 2**16
             acc.scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"
         if not rng_json.is_file():
             raise ckpt.CheckpointError(f"{rng_json}: file not found")
-        ckpt.set_rng_state(json.loads(rng_json.read_text()),
-                           ckpt.read_safetensors(path / "rng" / f"rank-{acc.process_index}.safetensors"))
+        try:
+            ckpt.set_rng_state(json.loads(rng_json.read_text()),
+                               ckpt.read_safetensors(path / "rng" / f"rank-{acc.process_index}.safetensors"))
+        except (KeyError, TypeError, ValueError) as err:  # a marker made anew over hand-assembled files
+            if isinstance(err, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{rng_json}: not the RNG states this toolkit saves ({err})") from None
         fields = {k: v for k, v in state.items() if k in Progress.__dataclass_fields__}
         self.progress = Progress(**{**fields, "eval_losses": [tuple(e) for e in fields["eval_losses"]]})
 
@@ -662,7 +676,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         if not path.is_dir():
             raise ckpt.CheckpointError(f"training.resume_from: {path} is not a directory")
     ckpt.verify_checkpoint(path)
-    resumed_step = json.loads((path / "trainer_state.json").read_text())["step"]  # verified; any directory name
+    resumed_step = read_trainer_state(path)["step"]  # verified; any directory name
     later = [c.name for c in found if ckpt.saved_step(c) > resumed_step]
     if later:
         raise ConfigError(f"cannot resume {path}: {cfg.output_dir} also holds later checkpoints ({', '.join(later)}) "
@@ -675,6 +689,22 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         raise ConfigError(f"cannot resume {path}: settings changed since it was saved ({details}); "
                           "only lengths, logging, evaluation and saving settings may change")
     return path.resolve()
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A verified checkpoint's ``trainer_state.json``, with the fields resuming reads checked: files that match
+    a marker made anew over other content (a hand-assembled checkpoint) are a CheckpointError naming it."""
+    file = checkpoint / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ckpt.CheckpointError(f"{file}: not valid JSON ({err})") from None
+    counts = ("step", "epoch", "step_in_epoch", "num_processes")
+    if not (isinstance(state, dict) and all(type(state.get(k)) is int for k in counts)
+            and isinstance(state.get("eval_losses"), list)):
+        raise ckpt.CheckpointError(f"{file}: not the trainer state this toolkit saves (needs {', '.join(counts)} "
+                                   "as integers and eval_losses)")
+    return state
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -136,7 +136,10 @@ def model_shape(cfg: Config) -> tuple[Shape, str]:
         return _from_config_dict(config.to_dict()), "the tiny model's config"
     local = Path(m.name_or_path) / "config.json"
     if local.is_file():
-        return _from_config_dict(json.loads(local.read_text())), str(local)
+        try:
+            return _from_config_dict(json.loads(local.read_text(encoding="utf-8"))), str(local)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{local}: not a valid model config ({str(err).splitlines()[0]})") from None
     known = known_shape(m.name_or_path)
     if known is not None:
         return Shape(known.hidden_size, known.intermediate_size, known.num_hidden_layers, known.num_attention_heads,

@@ -123,13 +123,14 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0, device: torch.device 
 
 
 def _from_pretrained(source: str, revision, dtype, attention: str, trust_remote_code: bool, quantization, device):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, revision=revision, dtype=dtype, attn_implementation=attention,
             trust_remote_code=trust_remote_code, quantization_config=quantization,
             device_map=None if device is None else {"": device})
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a damaged weights file
         raise ConfigError(f"model.name_or_path: cannot load '{source}': {str(err).splitlines()[0]}") from None
 
 

@@ -40,7 +40,26 @@ def build_optimizer(groups: list[dict], cfg: TrainingConfig) -> torch.optim.Opti
     return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(groups, **kwargs)
 
 
-def load_optimizer_state(optimizer, state: dict) -> None:
+MOMENTS = ("exp_avg", "exp_avg_sq", "state1", "state2")  # PyTorch's AdamW; bitsandbytes' (8-bit: uint8, same shape)
+
+
+def check_moment_shapes(optimizer, state: dict, source) -> None:
+    """Each saved AdamW moment has its parameter's shape, else a CheckpointError naming ``source``."""
+    from .checkpoint import CheckpointError
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state.get("state", {}) if isinstance(state, dict) else {}
+    for index, moments in saved.items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(moments, dict):
+            continue  # PyTorch's own load_state_dict names a mismatch of groups and parameters
+        for key in MOMENTS:
+            value = moments.get(key)
+            if torch.is_tensor(value) and value.shape != params[index].shape:
+                raise CheckpointError(f"{source}: its '{key}' of parameter {index} has shape {tuple(value.shape)}, "
+                                      f"the parameter {tuple(params[index].shape)}: the state of another model or rank")
+
+
+def load_optimizer_state(optimizer, state: dict, source="the optimizer state") -> None:
     """``optimizer.load_state_dict(state)``; a paged optimizer's per-parameter states go into paged buffers.
 
     bitsandbytes pages only the buffers it allocates itself: its ``load_state_dict`` would put the
@@ -49,8 +68,11 @@ def load_optimizer_state(optimizer, state: dict) -> None:
     state the size of its parameter is copied into the buffer bitsandbytes would have allocated
     (paged for large parameters on a GPU, ordinary otherwise); the rest (quantization maps, scales)
     goes to the GPU at its first step, as bitsandbytes does. ``optimizer`` may be accelerate's wrapper.
+    Moments of another shape than their parameter's (another rank's file) are a CheckpointError naming
+    ``source``: PyTorch would load them, and the first step would fail.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
+    check_moment_shapes(inner, state, source)
     if not getattr(inner, "is_paged", False):
         return optimizer.load_state_dict(state)
     inner.load_state_dict(state, move_to_device=False)

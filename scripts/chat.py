@@ -82,6 +82,9 @@ def main(argv=None):
             continue
         if not text:
             continue
+        if not text.isascii() and not is_utf8(text):
+            print("(not sent: the line holds bytes that are not UTF-8 text)", flush=True)
+            continue
         if token := find_control_token(text):
             print(f"(not sent: '{token}' would reach the model as a control token, not as text)",
                   flush=True)
@@ -101,6 +104,15 @@ def main(argv=None):
             print(f"[cut at --max_new_tokens {args.max_new_tokens}]", flush=True)
         history.append({"role": "assistant", "content": answer.text})
     print("bye", flush=True)
+
+
+def is_utf8(text: str) -> bool:
+    """False for a line read with bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E402
+from phi3_lora.checkpoint import check_can_create  # noqa: E402
+from phi3_lora.cli import config_from_args, config_parser, positive, run_main  # noqa: E402
 from phi3_lora.memory import GIB, estimate, model_shape  # noqa: E402
 
 ROWS = [("weights", "weights"), ("adapters", "adapters"), ("gradients", "gradients"),
@@ -102,11 +103,13 @@ def main(argv=None):
     parser.add_argument("--zero_stage", type=int, default=0, choices=(0, 1, 2, 3),
                         help="DeepSpeed ZeRO stage (0 = one GPU or DDP)")
     parser.add_argument("--num_gpus", type=int, default=1, help="data-parallel processes sharing the run")
-    parser.add_argument("--cards", type=float, nargs="*", metavar="GB",
+    parser.add_argument("--cards", type=positive(float), nargs="*", metavar="GB",
                         help="also print a markdown table of what fits on cards of these sizes (GiB)")
     parser.add_argument("--json", help="write the estimate (bytes) to this file")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    if args.json:
+        check_can_create(args.json, "--json", directory=False)
     shape, source = model_shape(cfg)
     with_ckpt = estimate(cfg, shape, args.zero_stage, args.num_gpus, gradient_checkpointing=True)
     without = estimate(cfg, shape, args.zero_stage, args.num_gpus, gradient_checkpointing=False)

@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from phi3_lora import data as data_lib  # noqa: E402
-from phi3_lora.checkpoint import STEP_DIR  # noqa: E402
+from phi3_lora.checkpoint import STEP_DIR, check_can_create  # noqa: E402
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError, effective_chunk_size  # noqa: E402
 from phi3_lora.generate import (GenerationSettings, answer_prompts, check_prompts, disabled_adapter,  # noqa: E402
                                 read_prompts, score)
 from phi3_lora.inference import (dataset_loss, has_run_config, load_for_inference, load_tokenizer_for,  # noqa: E402
-                                 run_config)
+                                 read_adapter_config, run_config)
 
 
 def parse_args(argv):
@@ -65,15 +65,13 @@ def parse_args(argv):
     if args.model and not has_run_config(args.config, args.adapter) and not (args.data or args.no_loss):
         raise ConfigError("--model without a run config (--config, or one saved with --adapter): there is no "
                           "run's eval split to take the loss on; pass --data FILE, or --no_loss")
-    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise ConfigError(f"--out_dir {args.out_dir}: exists and is not a directory")
     return args
 
 
 def residual_init(adapter: str) -> str | None:
     """PiSSA's or OLoRA's name when the adapter's own config records it (peft's ``init_lora_weights``): such an
     adapter sits on a residual of the base weights. Read from the adapter, whatever ``--config`` says."""
-    init = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("init_lora_weights")
+    init = read_adapter_config(adapter).get("init_lora_weights")
     return init if isinstance(init, str) and (init.startswith("pissa") or init == "olora") else None
 
 
@@ -155,6 +153,7 @@ def main(argv=None):
         raise ConfigError(f"--compare_base: the adapter was initialised with {residual}, so its base is the residual "
                           "of the original weights, not the base model; evaluate the base without --adapter instead")
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, cfg)
+    check_can_create(out_dir, "--out_dir")  # before the generations, not after them
     tokenizer = load_tokenizer_for(cfg)
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad prompts fail before the model loads
     if prompts is not None:

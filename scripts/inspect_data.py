@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phi3_lora import data as data_lib  # noqa: E402
-from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E402
+from phi3_lora.checkpoint import check_can_create  # noqa: E402
+from phi3_lora.cli import config_from_args, config_parser, positive, run_main  # noqa: E402
 from phi3_lora.model import load_tokenizer  # noqa: E402
 
 
@@ -34,10 +35,12 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 
 def main(argv=None):
     parser = config_parser(__doc__)
-    parser.add_argument("--num_examples", type=int, default=3, help="how many training examples to show")
+    parser.add_argument("--num_examples", type=positive(), default=3, help="how many training examples to show")
     parser.add_argument("--jsonl", help="also write input_ids/labels of these examples to this file")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    if args.jsonl:
+        check_can_create(args.jsonl, "--jsonl", directory=False)
     tokenizer = load_tokenizer(cfg.model)
     data_lib.use_chat_template(tokenizer, cfg.data.chat_template)
     train, _ = data_lib.build_datasets(cfg.data, tokenizer, cfg.training.seed)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from phi3_lora.checkpoint import atomic_directory  # noqa: E402
+from phi3_lora.checkpoint import atomic_directory, check_can_create  # noqa: E402
 from phi3_lora.cli import config_parser, run_main  # noqa: E402
 from phi3_lora.config import ConfigError  # noqa: E402
 from phi3_lora.generate import encode_prompts, stop_token_ids  # noqa: E402
@@ -95,8 +95,7 @@ def main(argv=None):
 
     args = parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
+    check_can_create(out, "--out")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B|\d+", args.max_shard_size.strip(), flags=re.IGNORECASE):

@@ -288,6 +288,20 @@ def test_bad_prompts_file_names_the_line(tmp_path):
                                             {"role": "assistant", "content": "d"}]}))
     with pytest.raises(DataError, match="must end with a user message"):
         read_prompts(bad)
+    bad.write_bytes(json.dumps(PROMPTS[0]).encode() + b'\n{"turns": ["caf\xe9"]}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=rf"^{bad} line 2: not UTF-8 text \(invalid continuation byte at byte \d+\)$"):
+        read_prompts(bad)
+
+
+@pytest.mark.parametrize("content, message", [("", "Expecting value: line 1 column 1 \\(char 0\\)"),
+                                              ("[1, 2]", "expected a JSON object, got list")])
+def test_a_damaged_adapter_config_is_named(tmp_path, content, message):
+    """adapter_config.json is read through one checked reader (evaluate's PiSSA/OLoRA check included)."""
+    from phi3_lora.checkpoint import CheckpointError
+    from phi3_lora.inference import read_adapter_config
+    (tmp_path / "adapter_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'adapter_config.json'}: {message}$"):
+        read_adapter_config(tmp_path)
 
 
 def test_a_dropped_system_prompt_fails_before_the_model_loads(run, tmp_path):
@@ -331,14 +345,16 @@ def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
 def test_chat_two_turns_reset_and_exit(run, loaded):
     _, tokenizer, model = loaded
     turns = ["What is 12 plus 30?", "And twice that?", "Hello, I am Alan."]
-    script = f"{turns[0]}\n{turns[1]}\n/reset\nsay <|end|> twice\n{turns[2]}\n/exit\nnever read\n"
+    # caf\udcff: the bytes caf\xff, not UTF-8 (surrogateescape writes the lone surrogate as the byte)
+    script = f"{turns[0]}\n{turns[1]}\n/reset\nsay <|end|> twice\ncaf\udcff\n{turns[2]}\n/exit\nnever read\n"
     proc = subprocess.run([sys.executable, CHAT, "--adapter", str(run / "adapter"), "--max_new_tokens", str(MAX_NEW)],
-                          input=script, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD})
+                          input=script, capture_output=True, text=True, errors="surrogateescape", timeout=300,
+                          cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **ONE_THREAD})
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = [line.split("assistant> ", 1)[1].strip() for line in proc.stdout.splitlines() if "assistant> " in line]
     assert len(answers) == 3 and proc.stdout.rstrip().endswith("bye")
     assert "(not sent: '<|end|>' would reach the model as a control token, not as text)" in proc.stdout
+    assert "(not sent: the line holds bytes that are not UTF-8 text)" in proc.stdout
     settings = GenerationSettings(max_new_tokens=MAX_NEW)
     history = []
     expected = []

@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT, TRAIN, accelerate_launch, load_adapter_tensors, read_metrics, run_script
 from phi3_lora import checkpoint as ckpt
+from phi3_lora.config import ConfigError, load_config
 
 # 40 examples in steps of 4: an epoch is 10 steps, so 16 steps cross an epoch boundary.
 RUN = ["data.demo_size=40", "data.eval_size=0", "training.eval_steps=0",
@@ -760,3 +761,61 @@ def test_a_checkpoint_copied_under_another_name_resumes(checkpointed_run):
                              "training.max_steps=10"])
     assert in_process_trainer(cfg).train()["steps"] == 10
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-3:] == [8, 9, 10]
+
+
+def test_paths_that_cannot_be_written_are_refused_before_the_work(tmp_path):
+    """check_can_create, which output_dir, evaluate's --out_dir, merge's --out and the scripts' --json/--jsonl go
+    through before any work: an existing file or directory of the wrong kind, a path under a file."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ckpt.check_can_create(tmp_path / "new" / "deeper", "output_dir")  # a directory that can be made
+    ckpt.check_can_create(tmp_path, "output_dir")
+    ckpt.check_can_create(tmp_path / "new" / "out.json", "--json", directory=False)
+    with pytest.raises(ConfigError, match=rf"^output_dir {afile}: exists and is not a directory$"):
+        ckpt.check_can_create(afile, "output_dir")
+    with pytest.raises(ConfigError, match=rf"^--json {tmp_path}: exists and is a directory$"):
+        ckpt.check_can_create(tmp_path, "--json", directory=False)
+    with pytest.raises(ConfigError, match=rf"^--out {afile / 'sub' / 'x'}: {afile} is a file, not a directory$"):
+        ckpt.check_can_create(afile / "sub" / "x", "--out")
+    from conftest import in_process_trainer
+    cfg = load_config(None, [f"output_dir={afile / 'run'}", *RUN])
+    with pytest.raises(ConfigError, match=rf"^output_dir {afile / 'run'}: {afile} is a file, not a directory$"):
+        in_process_trainer(cfg)  # before the model loads
+
+
+def test_a_trainer_state_or_optimizer_state_of_other_content_is_named(tmp_path):
+    """Files that match a marker made anew over other content (a hand-assembled checkpoint): the trainer state
+    without its counts, AdamW moments of another rank, are CheckpointErrors naming the file, not a KeyError or
+    a failed first step."""
+    from phi3_lora.loop import read_trainer_state
+    from phi3_lora.optim import load_optimizer_state
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"num_processes": 1}))
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state.json: not the trainer state this toolkit saves"):
+        read_trainer_state(tmp_path)
+    (tmp_path / "trainer_state.json").write_text("[1]")
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state.json: not the trainer state this toolkit saves"):
+        read_trainer_state(tmp_path)
+    rank4, rank16 = torch.nn.Parameter(torch.ones(4, 8)), torch.nn.Parameter(torch.ones(16, 8))
+    saved = torch.optim.AdamW([rank4])
+    rank4.grad = torch.ones_like(rank4)
+    saved.step()
+    optimizer = torch.optim.AdamW([rank16])
+    with pytest.raises(ckpt.CheckpointError, match=r"^optimizer.pt: its 'exp_avg' of parameter 0 has shape \(4, 8\), "
+                                                   r"the parameter \(16, 8\): the state of another model or rank$"):
+        load_optimizer_state(optimizer, saved.state_dict(), source="optimizer.pt")
+    assert optimizer.state_dict()["state"] == {}
+
+
+def test_a_fresh_run_over_a_finished_one_says_so_and_drops_its_summary(tmp_path, capsys):
+    """A fresh start where a finished run lives: a note says its adapter is replaced at the end, and its
+    summary.json goes at once with its metrics, so no file describes a run the directory no longer holds."""
+    from conftest import in_process_trainer
+    cfg = load_config(None, [f"output_dir={tmp_path}", *RUN, "training.max_steps=2"])
+    in_process_trainer(cfg).train()
+    assert (tmp_path / "summary.json").is_file()
+    before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    in_process_trainer(cfg)  # set up, not trained: as if killed before its end
+    assert f"note: {tmp_path} holds an earlier run's adapter; this run replaces it when it ends" in capsys.readouterr().out
+    assert not (tmp_path / "summary.json").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before

@@ -104,6 +104,19 @@ def test_misshapen_recipes_get_errors_that_say_what_is_wrong(tmp_path, text, mes
         load_config(recipe)
 
 
+def test_a_recipe_that_is_not_text_is_one_line(tmp_path):
+    """A recipe of other bytes than UTF-8, an empty one and a directory are named, not a traceback or defaults."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"training:\n  max_steps: \xff\n")
+    with pytest.raises(ConfigError, match=r"^.*r.yaml: not UTF-8 text \(invalid start byte at byte 23\)$"):
+        load_config(recipe)
+    recipe.write_text("  \n")
+    with pytest.raises(ConfigError, match=r"^.*r.yaml: empty config file$"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"^.*: a directory, not a config file$"):
+        load_config(tmp_path)
+
+
 def test_yaml_merge_keys_still_merge_and_an_unhashable_key_is_one_line(tmp_path):
     from phi3_lora.config import read_yaml
     recipe = tmp_path / "r.yaml"

@@ -484,3 +484,31 @@ def test_group_by_length_in_a_run(tmp_path):
     assert sorted(first[0]["example_ids"].tolist()) == sorted(expected)
     trainer.train()
     assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2, 3]
+
+
+def test_a_damaged_saved_dataset_is_one_line(tmp_path):
+    """A save_to_disk directory whose state file or Arrow data is damaged: a DataError naming it."""
+    import datasets
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}] * 4).save_to_disk(str(saved))
+    (arrow,) = saved.glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:300])
+    with pytest.raises(DataError, match=rf"^{saved}: a dataset saved with save_to_disk, but damaged \(ArrowInvalid: "):
+        read_rows(str(saved))
+    (saved / "state.json").write_text("{broken")
+    with pytest.raises(DataError, match=rf"^{saved}: a dataset saved with save_to_disk, but damaged \(JSONDecodeError: "):
+        read_rows(str(saved))
+
+
+def test_a_damaged_base_model_file_is_one_line(tmp_path):
+    """model.name_or_path whose weights file is cut short: a ConfigError naming the model, not safetensors' own."""
+    from phi3_lora.config import ConfigError
+    from phi3_lora.model import load_model, load_tokenizer
+    cfg = load_config(None, ["model.tiny_hidden_size=64"])
+    tokenizer = load_tokenizer(cfg.model)
+    load_model(cfg.model, tokenizer, seed=0).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cfg = load_config(None, [f"model.name_or_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"^model.name_or_path: cannot load '{tmp_path}': "):
+        load_model(cfg.model, tokenizer, seed=0)

@@ -235,3 +235,17 @@ def test_script_unknown_model_is_one_line_error(tmp_path):
                       env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.name_or_path: cannot read the config of")
+
+
+def test_a_damaged_local_model_config_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: not a valid model config \(Expecting"):
+        model_shape(load_config(None, [f"model.name_or_path={tmp_path}"]))
+
+
+def test_script_numbers_must_be_positive():
+    from phi3_lora.cli import positive
+    assert positive()("3") == 3 and positive(float)("0.5") == 0.5
+    for text in ("0", "-8"):
+        with pytest.raises(Exception, match=f"must be above 0, got {text}"):
+            positive(float)(text)
