@@ -204,15 +204,23 @@ DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                           "deepspeed.utils.tensor_fragment.fragment_address")
 
 
+TRUSTED_GLOBALS_ENV = "PHI3_LORA_TRUSTED_GLOBALS"  # more classes to allow there, "module.Class,module.Class"
+
+
 @contextlib.contextmanager
 def deepspeed_loads_safely(engine):
     """Within this context ``engine`` (a DeepSpeedEngine) reads its checkpoint files with
-    ``torch.load(weights_only=True)``, ``DEEPSPEED_SAFE_GLOBALS`` allowed, instead of its own unpickling
-    load; any other object in them is a CheckpointError naming the file."""
+    ``torch.load(weights_only=True)``, ``DEEPSPEED_SAFE_GLOBALS`` allowed (and the classes the user names in
+    ``$PHI3_LORA_TRUSTED_GLOBALS``, for a DeepSpeed version that saves another), instead of its own unpickling
+    load; any other object in them is a CheckpointError naming the file and the object."""
     import importlib
 
-    allowed = [getattr(importlib.import_module(module), name)
-               for module, _, name in (g.rpartition(".") for g in DEEPSPEED_SAFE_GLOBALS)]
+    names = [*DEEPSPEED_SAFE_GLOBALS, *filter(None, os.environ.get(TRUSTED_GLOBALS_ENV, "").replace(" ", "").split(","))]
+    try:
+        allowed = [getattr(importlib.import_module(module), name)
+                   for module, _, name in (g.rpartition(".") for g in names)]
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{TRUSTED_GLOBALS_ENV}: cannot import a class it names ({err})") from None
     checkpoint_engine = engine.checkpoint_engine
 
     def load(path, map_location=None):
@@ -220,7 +228,9 @@ def deepspeed_loads_safely(engine):
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"{path}: {_unsafe_load_reason(err)}") from None
+            hint = (f" (if you trust this checkpoint, and DeepSpeed saved that class, allow it with "
+                    f"{TRUSTED_GLOBALS_ENV}=NAME)" if "GLOBAL" in str(err) else "")
+            raise CheckpointError(f"{path}: {_unsafe_load_reason(err)}{hint}") from None
 
     checkpoint_engine.load = load  # an instance attribute, in front of the class's method
     try:
@@ -291,32 +301,45 @@ def atomic_directory(target: str | Path):
         yield tmp
         commit_directory(tmp, target)
     except BaseException:
-        remove_path(tmp)
+        remove_path(tmp, best_effort=True)  # the error that stopped the save is the one to report
         raise
 
 
-def check_can_create(path: str | Path, what: str, directory: bool = True) -> None:
-    """Raise a ConfigError naming ``what`` (``output_dir``, ``--out``...) unless ``path`` can be written: an
-    existing directory, or (a file or a new directory) one whose nearest existing ancestor is a writable
-    directory. Checked before the work, so that it never ends with a traceback and nothing written."""
+def check_can_create(path: str | Path, what: str, directory: bool = True, replaced: bool = False) -> None:
+    """Raise a ConfigError naming ``what`` (``output_dir``, ``--out``...) unless ``path`` can be written, checked
+    before the work so that it never ends in a traceback with nothing written: an existing file (written in place:
+    ``/dev/stdout`` too) or directory that is writable, else a new one whose nearest existing ancestor is a
+    writable directory. ``replaced``: the entry is replaced by a rename (``atomic_directory``), so its parent
+    must be writable whether or not it exists."""
     path = Path(path)
-    if path.exists() and path.is_dir() != directory:
-        raise ConfigError(f"{what} {path}: exists and is {'not ' if directory else ''}a directory")
-    ancestor = path if path.is_dir() else path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{what} {path}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path}: {ancestor} is not writable")
+    try:
+        if path.exists() and path.is_dir() != directory:
+            raise ConfigError(f"{what} {path}: exists and is {'not ' if directory else ''}a directory")
+        if path.exists() and not replaced:
+            where, mode = path, os.W_OK | (os.X_OK if directory else 0)
+        else:
+            where, mode = path.parent, os.W_OK | os.X_OK
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            if not where.is_dir():
+                raise ConfigError(f"{what} {path}: {where} is a file, not a directory")
+        if not os.access(where, mode):
+            raise ConfigError(f"{what} {path}: {where} is not writable")
+    except PermissionError as err:  # a directory on the way that this user may not enter
+        raise ConfigError(f"{what} {path}: {err.strerror} ({err.filename})") from None
 
 
-def remove_path(path: Path) -> None:
-    """Delete a directory tree, a file or a symbolic link — the link, never what it points at; nothing if absent."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
+def remove_path(path: Path, best_effort: bool = False) -> None:
+    """Delete a directory tree, a file or a symbolic link — the link, never what it points at; nothing if absent.
+    ``best_effort``: what cannot be deleted (another user's file, a busy NFS file) stays, without an error."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=best_effort)
+    except OSError:
+        if not best_effort:
+            raise
 
 
 def remove_directory(path: Path) -> None:
@@ -357,7 +380,7 @@ def saved_step(path: Path) -> int:
 
 
 def remove_stale_temporaries(output_dir: str | Path) -> None:
-    """Delete what a crash left half-written: hidden directories under checkpoints/, and the adapter's
+    """Delete what a crash left half-written, as far as it can: hidden entries under checkpoints/, and the adapter's
     (``.adapter.tmp``, ``.adapter.old``) in ``output_dir``. A crash between the two renames that replace an
     adapter (``commit_directory``) leaves the previous one only as ``.adapter.old``: it is put back."""
     root = checkpoints_root(output_dir)
@@ -366,7 +389,7 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
     if old.is_dir() and not adapter.exists():
         old.rename(adapter)
     for p in [*stale, Path(output_dir) / ".adapter.tmp", old]:
-        remove_path(p)
+        remove_path(p, best_effort=True)
 
 
 def verify_checkpoint(path: Path) -> dict:

@@ -78,8 +78,8 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
             raise DataError(f"{path}: a directory, but not a dataset saved with save_to_disk (give a .json, "
                             ".jsonl or .parquet file)") from None
         except Exception as err:  # a damaged save: its JSON, its Arrow files (pyarrow and json raise their own)
-            raise DataError(f"{path}: a dataset saved with save_to_disk, but damaged "
-                            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+            raise DataError(f"{path}: a dataset saved with save_to_disk, but not readable "
+                            f"({type(err).__name__}: {''.join(str(err).splitlines()[:1])[:200]})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise DataError(f"{path}: no split '{split}' (has {', '.join(loaded)})")

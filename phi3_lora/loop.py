@@ -206,6 +206,8 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg)
         check_fits_this_run(cfg, acc)
         ckpt.check_can_create(cfg.output_dir, "output_dir")  # before the minutes of loading, not after
+        self.resume_dir = None
+        self._stop_if_signalled_before_training()  # one during the imports: stop now, not after the loading
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)

@@ -110,15 +110,18 @@ class Shape:
                 "down_proj": (i, h)}
 
 
-def _from_config_dict(config: dict) -> Shape:
+def _from_config_dict(config: dict, source: str = "model config") -> Shape:
     names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
              "max_position_embeddings")
-    missing = [n for n in names if n not in config]
+    missing = [n for n in names if not isinstance(config, dict) or n not in config]
     if missing:
-        raise ConfigError(f"model config lacks {', '.join(missing)}: not a Phi-3 config")
-    values = {n: int(config[n]) for n in names}
-    return Shape(num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
-                 **values)
+        raise ConfigError(f"{source} lacks {', '.join(missing)}: not a Phi-3 config")
+    try:
+        values = {n: int(config[n]) for n in names}
+        return Shape(num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                     **values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: a size that is not a whole number ({err})") from None
 
 
 def model_shape(cfg: Config) -> tuple[Shape, str]:
@@ -137,7 +140,7 @@ def model_shape(cfg: Config) -> tuple[Shape, str]:
     local = Path(m.name_or_path) / "config.json"
     if local.is_file():
         try:
-            return _from_config_dict(json.loads(local.read_text(encoding="utf-8"))), str(local)
+            return _from_config_dict(json.loads(local.read_text(encoding="utf-8")), str(local)), str(local)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"{local}: not a valid model config ({str(err).splitlines()[0]})") from None
     known = known_shape(m.name_or_path)

@@ -21,7 +21,8 @@ class PreemptionFlag:
     """
 
     def __init__(self, names):
-        self.received: int | None = None
+        self.received: int | None = None  # the last preemption signal that arrived
+        self.arrived: list[int] = []  # every signal caught, in order (narrow_to hands back those it stops catching)
         self.previous = {}
         self._install(names)
 
@@ -33,17 +34,23 @@ class PreemptionFlag:
 
     def _handle(self, number, frame):
         self.received = number
+        self.arrived.append(number)
 
     def narrow_to(self, names) -> PreemptionFlag:
         """Catch exactly ``names`` from now on. A signal caught so far that is not among them gets its own
-        handler back and is delivered again: it does what it would have done had the flag never caught it."""
+        handler back and is delivered again: it does what it would have done had the flag never caught it.
+        Those among them stay received."""
         numbers = {getattr(signal, name) for name in names}
-        for number in [n for n in self.previous if n not in numbers]:
+        caught = self.arrived
+        handed_back = [n for n in self.previous if n not in numbers]
+        for number in handed_back:
             signal.signal(number, self.previous.pop(number))
-            if self.received == number:
-                self.received = None
-                signal.raise_signal(number)
+        self.arrived = [n for n in caught if n in numbers]
+        self.received = self.arrived[-1] if self.arrived else None
         self._install(names)
+        for number in handed_back:
+            if number in caught:
+                signal.raise_signal(number)
         return self
 
     def restore(self) -> None:

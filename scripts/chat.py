@@ -64,6 +64,9 @@ def main(argv=None):
         raise DataError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
                         f"context of {context_length(model)} tokens")
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # bytes that are not UTF-8 come in as lone surrogates (what Python does under the C locales) and the line is
+    # refused below; under other UTF-8 locales input() would raise and end the chat
+    sys.stdin.reconfigure(errors="surrogateescape")
     history = list(start)
     torch.manual_seed(args.seed)
     print(f"chatting with {cfg.model.name_or_path}" + (f" + {args.adapter}" if args.adapter else "")

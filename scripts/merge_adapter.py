@@ -95,7 +95,7 @@ def main(argv=None):
 
     args = parse_args(argv)
     out = Path(args.out)
-    check_can_create(out, "--out")
+    check_can_create(out, "--out", replaced=True)  # written beside it, then renamed into place
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B|\d+", args.max_shard_size.strip(), flags=re.IGNORECASE):

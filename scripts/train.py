@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phi3_lora.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402  (the standard library only)
 
-# Caught from here on: the imports below take seconds, and a signal during them, or while the model loads,
-# ends the run as preempted (exit 75), not killed. main() narrows it to training.preemption_signals.
-preemption = PreemptionFlag(DEFAULT_SIGNALS)
+# Run as a script, the signals are caught from here on: the imports below take seconds, and a signal during them,
+# or while the model loads, ends the run as preempted (exit 75), not killed. main() narrows it to
+# training.preemption_signals. Imported, the module leaves the process's signals alone.
+early_preemption = PreemptionFlag(DEFAULT_SIGNALS) if __name__ == "__main__" else None
 
 from phi3_lora.cli import config_from_args, config_parser, run_main  # noqa: E402
 
@@ -33,6 +34,7 @@ def main(argv=None):
     if bitsandbytes_unused(cfg):  # peft would import it anyway, and its import compiles kernels (~1 s on a CPU)
         sys.modules.setdefault("bitsandbytes", None)  # an import of it now raises ImportError, as if absent
     from phi3_lora.loop import Trainer  # after the config is checked: --help answers in a second
+    preemption = early_preemption or PreemptionFlag([])
     with preemption.narrow_to(cfg.training.preemption_signals):
         Trainer(cfg, preemption).train()
 

@@ -1,5 +1,6 @@
 """Checkpoints: exact resumption, checked strict=False loading, crash safety, rotation, safe loading."""
 
+import argparse
 import json
 import os
 import pickle
@@ -475,6 +476,17 @@ def test_deepspeed_checkpoint_files_are_read_without_unpickling(tmp_path):
                                                                  "(posix.system)")):
             engine.checkpoint_engine.load(str(model_states), map_location=lambda storage, loc: storage)
     assert not marker.exists()
+    plain = tmp_path / "plain.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, plain)
+    with ckpt.deepspeed_loads_safely(engine), pytest.raises(ckpt.CheckpointError, match=r"allow it with "
+                                                             r"PHI3_LORA_TRUSTED_GLOBALS=NAME\)$"):
+        engine.checkpoint_engine.load(str(plain))
+    os.environ[ckpt.TRUSTED_GLOBALS_ENV] = "argparse.Namespace"  # the user's own choice: then it loads
+    try:
+        with ckpt.deepspeed_loads_safely(engine):
+            assert engine.checkpoint_engine.load(str(plain))["args"] == argparse.Namespace(lr=0.1)
+    finally:
+        del os.environ[ckpt.TRUSTED_GLOBALS_ENV]
     assert (loaded["loss_scaler"].cur_scale, loaded["dynamic"].cur_scale) == (2.0, 8.0)
     assert loaded["zero_stage"] is ZeroStageEnum.gradients and torch.equal(loaded["state"], torch.arange(3.0))
     assert "load" not in vars(engine.checkpoint_engine)
@@ -612,6 +624,10 @@ def test_narrowing_the_preemption_flag():
             os.kill(os.getpid(), signal.SIGUSR1)
             flag.narrow_to(["SIGUSR1"])
             assert flag.received == signal.SIGUSR1  # still a preemption signal: kept
+            flag.narrow_to(["SIGUSR1", "SIGUSR2"])
+            os.kill(os.getpid(), signal.SIGUSR2)  # a later signal handed back does not take the earlier one along
+            flag.narrow_to(["SIGUSR1"])
+            assert delivered == [signal.SIGUSR2] * 2 and flag.received == signal.SIGUSR1
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
     finally:
@@ -771,6 +787,7 @@ def test_paths_that_cannot_be_written_are_refused_before_the_work(tmp_path):
     ckpt.check_can_create(tmp_path / "new" / "deeper", "output_dir")  # a directory that can be made
     ckpt.check_can_create(tmp_path, "output_dir")
     ckpt.check_can_create(tmp_path / "new" / "out.json", "--json", directory=False)
+    ckpt.check_can_create("/dev/null", "--json", directory=False)  # an existing file is written in place
     with pytest.raises(ConfigError, match=rf"^output_dir {afile}: exists and is not a directory$"):
         ckpt.check_can_create(afile, "output_dir")
     with pytest.raises(ConfigError, match=rf"^--json {tmp_path}: exists and is a directory$"):
