@@ -364,6 +364,14 @@ class Trainer:
                 preemption.restore()
         return self.finish(time.perf_counter() - start, whole_run)
 
+    def _step_was_skipped(self, scale_before: float | None) -> bool:
+        """fp16's loss scaler skips a step whose gradients overflowed (and lowers its scale). accelerate says so
+        for most optimizers, but a fused AdamW (ours on CUDA) skips the update inside its kernel and is always
+        reported as stepped: the lowered scale tells it then."""
+        if self.optimizer.step_was_skipped:
+            return True
+        return scale_before is not None and self.accelerator.scaler.get_scale() < scale_before
+
     def _stop_if_signalled_before_training(self) -> None:
         """A preemption signal before this attempt's first step: nothing new to save, so stop as preempted."""
         if self.preemption is not None and self._any_process_signalled(self.preemption):
@@ -430,8 +438,9 @@ class Trainer:
                 if acc.sync_gradients:
                     clock.lap("forward_backward")
                     grad_norm = self._clip_gradients()
+                    scale_before = acc.scaler.get_scale() if acc.scaler is not None else None  # fp16 only: a wait
                     self.optimizer.step()
-                    if not self.optimizer.step_was_skipped:  # fp16's loss scaler skips steps with inf gradients
+                    if not self._step_was_skipped(scale_before):
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     clock.lap("optimizer")

@@ -354,14 +354,22 @@ def test_adapter_input_casts_stay_without_autocast_and_for_dora(tmp_path, settin
     assert bool(trainer.accelerator.native_amp) == bool(settings)
 
 
-def test_a_step_the_fp16_loss_scaler_skips_does_not_advance_the_schedule(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_the_fp16_loss_scaler_skips_does_not_advance_the_schedule(tmp_path, monkeypatch, fused):
     """fp16 mixed precision (a GPU's, with torch's real GradScaler on the CPU, where accelerate makes none): a
     step whose gradients overflow (here an inf put into one adapter's gradient, as an fp16 overflow leaves) is
     skipped by the scaler, and the learning-rate schedule does not advance either, or every skipped step would
-    cut the warmup and the decay short (fp16 runs skip their first few steps while the scale settles)."""
+    cut the warmup and the decay short (fp16 runs skip their first few steps while the scale settles). Also with
+    the fused AdamW the loop uses on CUDA (fused on the CPU here), which skips inside its kernel, unseen by
+    accelerate."""
     from accelerate.optimizer import AcceleratedOptimizer
 
+    import phi3_lora.loop
+    if fused:
+        monkeypatch.setattr(phi3_lora.loop, "build_optimizer",
+                            lambda groups, t: torch.optim.AdamW(groups, lr=t.learning_rate, fused=True))
     trainer = fresh_trainer(tmp_path, "training.warmup_steps=0")  # cosine from step 0: every step moves the rate
+    assert trainer.optimizer.optimizer.defaults["fused"] is (True if fused else None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     trainer.accelerator.scaler = scaler
     trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, device_placement=False, scaler=scaler)
@@ -372,7 +380,7 @@ def test_a_step_the_fp16_loss_scaler_skips_does_not_advance_the_schedule(tmp_pat
     overflow = next(iter(adapters.values())).register_hook(lambda grad: grad * float("inf"))
     trainer.train_step(next(batches))
     overflow.remove()
-    assert trainer.optimizer.step_was_skipped and scaler.get_scale() == 2.0 ** 15
+    assert trainer.optimizer.step_was_skipped is not fused and scaler.get_scale() == 2.0 ** 15
     assert trainer.scheduler.last_epoch == 0 and trainer.scheduler.get_last_lr()[0] == lr
     assert all(torch.equal(p, before[n]) for n, p in adapters.items())
     trainer.train_step(next(batches))
