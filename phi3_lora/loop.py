@@ -32,7 +32,7 @@ from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
-from .lora import (adapters_for_autocast, attach_lora, load_adapter_dir, parameter_counts, save_adapter,
+from .lora import (adapters_for_autocast, adapters_for_deepspeed, attach_lora, load_adapter_dir, parameter_counts, save_adapter,
                    write_adapter)
 from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_flops, peak_memory_gb,
                       write_summary)
@@ -253,7 +253,9 @@ class Trainer:
         if any(hasattr(p, "ds_id") for p in base.parameters()):
             acc.print(f"base model loaded partitioned across {acc.num_processes} processes (ZeRO-3 zero.Init)")
         model = attach_lora(base, cfg.lora, seed=cfg.training.seed)
-        if acc.native_amp and acc.mixed_precision in ("bf16", "fp16"):  # every forward of the loop is autocast
+        if self.uses_deepspeed:
+            adapters_for_deepspeed(model, acc.mixed_precision)
+        elif acc.native_amp and acc.mixed_precision in ("bf16", "fp16"):  # every forward of the loop is autocast
             adapters_for_autocast(model)
         if self.resume_dir:  # before prepare: the adapter parameters are still whole here, also under ZeRO-3
             load_adapter_dir(model, self.resume_dir / "adapter")

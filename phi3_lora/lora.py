@@ -83,6 +83,19 @@ def adapters_for_autocast(model) -> None:
             p.data = p.data.float()
 
 
+def adapters_for_deepspeed(model, mixed_precision: str) -> None:
+    """Give the adapters the run's 16-bit dtype under DeepSpeed with bf16/fp16, as DeepSpeed's engine does itself,
+    except where ZeRO-3's zero.Init has partitioned the base: it then casts nothing, and the float32 adapters peft
+    builds would make the ZeRO-3 optimizer take float32 for its dtype — fp16 without loss scaling or overflow
+    checks, bf16 with each adapter's input cast to float32. DeepSpeed's optimizer keeps float32 master copies."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None:
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 def skip_adapter_input_casts(model) -> None:
     """Stop peft casting each adapter's input to float32 (its adapters' dtype).
 

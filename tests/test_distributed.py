@@ -138,6 +138,21 @@ def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
         assert "loaded partitioned across 2 processes (ZeRO-3 zero.Init)" in proc.stdout
 
 
+def test_zero3_bf16_adapters_are_bf16_under_a_partitioned_base(tiny_model_dir, tmp_path):
+    """ZeRO-3 with zero.Init and bf16: DeepSpeed casts nothing once the base is partitioned, so the loop gives the
+    adapters the run's dtype, as DeepSpeed does under ZeRO-2; else peft's float32 adapters would set the ZeRO
+    optimizer's dtype to float32 (with fp16: no loss scaling, no overflow check)."""
+    launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml"))
+    proc = record_run(tmp_path, launcher, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3",
+                      "model.dtype=bfloat16", "training.mixed_precision=bf16", "training.max_steps=4")
+    assert "loaded partitioned across 2 processes (ZeRO-3 zero.Init)" in proc.stdout
+    for rank in (0, 1):
+        dtypes = json.loads((tmp_path / f"dtypes.rank{rank}.json").read_text())
+        assert dtypes == {"trainable": ["torch.bfloat16"], "zero_optimizer": "torch.bfloat16"}
+    losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
 def test_deepspeed_config_that_disagrees_or_is_missing_is_one_line(tmp_path):
     """A DeepSpeed JSON with numbers of its own (not "auto") that differ from the training config, precision
     included; a relative deepspeed_config_file launched from elsewhere; ZeRO-Offload with a bitsandbytes

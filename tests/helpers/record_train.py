@@ -1,7 +1,8 @@
 """scripts/train.py, plus a record of which examples each process trained on (for the tests).
 
-Writes OUTPUT_DIR/seen.rank{R}.json: for every optimizer step, the example ids of this process.
-Also records whether the base model's parameters were partitioned by ZeRO-3 at load time.
+Writes OUTPUT_DIR/seen.rank{R}.json: for every optimizer step, the example ids of this process, and
+OUTPUT_DIR/dtypes.rank{R}.json: the dtypes of the trainable parameters once prepared and of DeepSpeed's ZeRO
+optimizer (its ``dtype``, which decides fp16's loss scaling), if any.
 With SLOW_DATA_ON_LAST_RANK=SECONDS, the last process takes that much longer to collate each batch.
 """
 
@@ -37,9 +38,12 @@ def main(argv=None):
             return collate(items)
 
         trainer.collate = slow_collate
-    trainer.train()
     rank = trainer.accelerator.process_index
+    dtypes = {"trainable": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
+              "zero_optimizer": str(getattr(trainer.optimizer.optimizer, "dtype", None))}
+    trainer.train()
     Path(cfg.output_dir, f"seen.rank{rank}.json").write_text(json.dumps(seen))
+    Path(cfg.output_dir, f"dtypes.rank{rank}.json").write_text(json.dumps(dtypes))
 
 
 if __name__ == "__main__":
