@@ -117,12 +117,14 @@ def load_tokenizer_for(cfg: Config):
 
 
 def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None, dequantize: bool = False,
-                       device: str | None = None):
+                       device: str | None = None, dtype: torch.dtype | None = None):
     """The base model of ``cfg`` in eval mode, with the PEFT adapter at ``adapter`` on top if given.
 
     ``dequantize``: a 4/8-bit base is loaded as in training, then its weights are expanded to ``model.dtype``:
     the weights a QLoRA adapter was trained on, in a form it can be merged into. ``device``: where the base's
     weights load (default: the CPU, and a 4/8-bit base's onto the current GPU, as bitsandbytes places them).
+    ``dtype``: the weights' (and a dequantized base's) dtype, instead of ``model.dtype`` resolved for this
+    machine's GPU.
 
     The adapter goes through the training loop's checked loader, not ``PeftModel.from_pretrained`` (which
     loads with ``strict=False`` unchecked): a damaged file, or an adapter of another model or rank, is a
@@ -132,9 +134,9 @@ def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None
         path = check_adapter_dir(adapter)
         weights = path / "adapter_model.safetensors"
         state = read_safetensors(weights)  # before loading the base: a damaged file fails at once
-    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed, device=device)
+    model = load_model(cfg.model, tokenizer, seed=cfg.training.seed, device=device, dtype=dtype)
     if dequantize:
-        model = model.dequantize().to(resolve_dtype(cfg.model.dtype))
+        model = model.dequantize().to(dtype or resolve_dtype(cfg.model.dtype))
     if adapter is not None:
         from peft import PeftConfig, PeftModel
         try:

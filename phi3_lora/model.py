@@ -82,17 +82,19 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, tokenizer, seed: int = 0, device: torch.device | str | None = None):
+def load_model(cfg: ModelConfig, tokenizer, seed: int = 0, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None):
     """The base Phi3ForCausalLM (frozen later by the LoRA step), ready for training.
 
     ``device``: load the checkpoint's weights straight onto it (else onto the CPU, and 4-bit/8-bit
     weights onto the current GPU, as bitsandbytes places them). Eight processes on a node would
-    otherwise each hold the whole model in CPU memory first (Phi-3-medium: 28 GB each).
+    otherwise each hold the whole model in CPU memory first (Phi-3-medium: 28 GB each). ``dtype``: this
+    one, not ``model.dtype`` resolved for this machine's GPU (a merge on the CPU keeps bfloat16).
 
     Raises:
         ConfigError: the model cannot be found or loaded; the message names ``model.name_or_path``.
     """
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = dtype or resolve_dtype(cfg.dtype)
     attention = resolve_attention(cfg.attn_implementation)
     quantization = None
     if is_quantized(cfg):

@@ -31,6 +31,7 @@ from phi3_lora.config import ConfigError  # noqa: E402
 from phi3_lora.generate import encode_prompts, stop_token_ids  # noqa: E402
 from phi3_lora.inference import load_for_inference, load_tokenizer_for, run_config, unquantized  # noqa: E402
 from phi3_lora.lora import parameter_counts  # noqa: E402
+from phi3_lora.model import gpu_lacks_bf16  # noqa: E402
 from phi3_lora.quant import is_quantized  # noqa: E402
 
 CHECK_PROMPTS = [
@@ -107,9 +108,16 @@ def main(argv=None):
     if quantized and args.qlora_base == "original":
         unquantized(cfg)
         print("QLoRA adapter: merging into the original unquantized weights (--qlora_base original)")
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.bfloat16 and gpu_lacks_bf16():  # the loader would fall back to float16 for such a GPU
+        if args.device.startswith("cuda"):
+            raise ConfigError("--dtype bfloat16: this GPU has no native bfloat16; merge on --device cpu (or auto), "
+                              "or ask for --dtype float16")
+        args.device = "cpu"
     tokenizer = load_tokenizer_for(cfg)
-    model = load_for_inference(cfg, tokenizer, args.adapter)
-    device = merge_device(args.device, model, getattr(torch, args.dtype))
+    # a 4-bit base is loaded as trained for the reference logits, in the dtype chosen for this GPU
+    model = load_for_inference(cfg, tokenizer, args.adapter, dtype=None if quantized else dtype)
+    device = merge_device(args.device, model, dtype)
     model.to(device)
     inputs = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, CHECK_PROMPTS).items()}
     tuned = logits_on(model, inputs)
@@ -118,7 +126,7 @@ def main(argv=None):
         print(f"QLoRA adapter: merging into its quantized base dequantized to {args.dtype}, the weights it was "
               "trained on")
         del model  # the base loads again, on the merge's device, where it is expanded to args.dtype
-        model = load_for_inference(cfg, tokenizer, args.adapter, dequantize=True, device=device)
+        model = load_for_inference(cfg, tokenizer, args.adapter, dequantize=True, device=device, dtype=dtype)
     elif quantized:
         reference = "unquantized base + adapter"
     merged = model.merge_and_unload()

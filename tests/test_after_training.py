@@ -318,6 +318,33 @@ def test_a_dropped_system_prompt_fails_before_the_model_loads(run, tmp_path):
     assert not (tmp_path / "evaluation").exists()
 
 
+def test_a_bfloat16_merge_on_a_machine_whose_gpu_lacks_it_stays_bfloat16(run, tmp_path, monkeypatch):
+    """On a machine whose GPU has no bfloat16 (a T4, V100: stood in for by patching the check) training falls
+    back to float16, but --dtype bfloat16 merges on the CPU in bfloat16, as asked; --device cuda is refused."""
+    import importlib.util
+
+    from safetensors import safe_open
+
+    import phi3_lora.model
+    spec = importlib.util.spec_from_file_location("merge_adapter", MERGE)
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    monkeypatch.setattr(phi3_lora.model, "gpu_lacks_bf16", lambda: True)
+    monkeypatch.setattr(merge, "gpu_lacks_bf16", lambda: True)
+    assert phi3_lora.model.resolve_dtype("bfloat16") == torch.float16  # what the loader alone would take
+    monkeypatch.setattr(merge.torch.cuda, "is_available", lambda: True)  # for --device cuda's own check
+    with pytest.raises(merge.ConfigError, match="^--dtype bfloat16: this GPU has no native bfloat16; merge on "
+                                                "--device cpu"):
+        merge.main(["--adapter", str(run / "adapter"), "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+    monkeypatch.undo()
+    monkeypatch.setattr(phi3_lora.model, "gpu_lacks_bf16", lambda: True)
+    monkeypatch.setattr(merge, "gpu_lacks_bf16", lambda: True)
+    merge.main(["--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--dtype", "bfloat16"])
+    (weights,) = (tmp_path / "merged").glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
 def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
