@@ -424,18 +424,20 @@ class Collator:
     one before it. Unpacked batches carry an attention mask instead. An empty item list gives one
     all-ignored row.
 
-    ``varlen`` (packing under flash-attention): the micro-batch's packed rows are laid end to end as
-    one row, with no padding, and the batch carries each example's bounds as flash-attention's
-    ``cu_seq_lens_q/k`` and ``max_length_q/k``. transformers runs flash-attention's variable-length
-    kernel only on a single row (with several, examples would attend to the ones before them in their
-    row), and with the bounds given it need not find them from ``position_ids`` (a device sync in
-    every layer). sdpa keeps the rows: one long row would cost it attention over all their tokens.
+    ``varlen`` (flash-attention, packed or not): the micro-batch's examples are laid end to end as one
+    row, with no padding, ``position_ids`` restarting at 0 for each, and the batch carries their bounds as
+    flash-attention's ``cu_seq_lens_q/k`` and ``max_length_q/k``. transformers runs flash-attention's
+    variable-length kernel only on a single row (with several, examples would attend to the ones before
+    them in their row), and with the bounds given it need not find them from ``position_ids``; a padded
+    batch with an attention mask would have it unpad every layer's input instead (``nonzero`` and
+    ``.item()``: device syncs in every layer). sdpa keeps the rows: one long row would cost it attention
+    over all their tokens.
     """
 
     def __init__(self, pad_token_id: int, packed: bool = False, varlen: bool = False):
         self.pad_token_id = pad_token_id
         self.packed = packed
-        self.varlen = varlen and packed
+        self.varlen = varlen
 
     def __call__(self, items: list[list[dict]]) -> dict:
         if not items:
@@ -458,7 +460,7 @@ class Collator:
         batch = {"input_ids": input_ids, "labels": labels, "example_ids": torch.tensor(example_ids, dtype=torch.long),
                  "num_tokens": torch.tensor(int(mask.sum()) if example_ids else 0),
                  "supervised_positions": supervised_positions(labels)}
-        if self.packed:
+        if self.packed or self.varlen:
             batch["position_ids"] = positions
         else:
             batch["attention_mask"] = mask
@@ -478,6 +480,11 @@ class Collator:
             labels += [IGNORE_INDEX] + list(e["labels"][1:])
             positions += range(len(e["input_ids"]))
         return ids, labels, positions
+
+
+def uses_varlen(model) -> bool:
+    """Whether ``model`` attends with flash-attention, whose batches the ``Collator`` lays end to end (``varlen``)."""
+    return model.config._attn_implementation.startswith("flash_attention")
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,7 @@ def dataset_loss(model, split: data_lib.TokenizedSplit, pad_token_id: int, batch
                  chunk_size: int = 0, desc: str = "eval loss") -> tuple[float, int]:
     """Token-weighted loss over ``split`` (the loop's own loss function, logits in chunks of
     ``chunk_size`` supervised tokens, 0 = whole) and the supervised token count."""
-    collate = data_lib.Collator(pad_token_id)
+    collate = data_lib.Collator(pad_token_id, varlen=data_lib.uses_varlen(model))
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     plan = data_lib.eval_plan(split, batch_size, data_lib.long_context_threshold(model.config))

@@ -220,10 +220,9 @@ class Trainer:
         self.train_items = data_lib.TrainItems(self.train_data, cfg.data.max_seq_len, cfg.data.packing, long_threshold)
         self.eval_batches = None if self.eval_data is None else data_lib.eval_plan(
             self.eval_data, t.per_device_eval_batch_size, long_threshold, acc.num_processes, acc.process_index)
-        attention = acc.unwrap_model(model).config._attn_implementation
-        self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing,
-                                         varlen=attention.startswith("flash_attention"))
-        self.eval_collate = data_lib.Collator(self.tokenizer.pad_token_id)
+        varlen = data_lib.uses_varlen(acc.unwrap_model(model))
+        self.collate = data_lib.Collator(self.tokenizer.pad_token_id, packed=cfg.data.packing, varlen=varlen)
+        self.eval_collate = data_lib.Collator(self.tokenizer.pad_token_id, varlen=varlen)
         self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_items), t.per_device_batch_size,
                                                         t.gradient_accumulation_steps, acc.num_processes,
                                                         self.train_items.kinds)

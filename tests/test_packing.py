@@ -112,6 +112,11 @@ def test_flash_attention_sees_each_packed_example_alone(monkeypatch):
     assert varlen_batch["input_ids"].shape == (1, sum(lengths))  # no padding
     assert varlen_batch["cu_seq_lens_q"].tolist() == [sum(lengths[:k]) for k in range(len(lengths) + 1)]
     rows_batch = Collator(tokenizer.pad_token_id, packed=True)([items[r] for r in range(3)])
+    # unpacked, one example an item (data.packing=false, and evaluation): under flash the same one row, unpadded
+    unpacked_varlen = Collator(tokenizer.pad_token_id, varlen=True)([[train.dataset[i]] for i in one_row[0]])
+    assert unpacked_varlen.keys() == varlen_batch.keys() and "attention_mask" not in unpacked_varlen
+    for key, value in varlen_batch.items():
+        assert torch.equal(torch.as_tensor(unpacked_varlen[key]), torch.as_tensor(value)), key
 
     with torch.no_grad():
         unpacked = per_example_losses(model, unpacked_batch, [[i] for i in one_row[0]])
