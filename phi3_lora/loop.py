@@ -452,7 +452,8 @@ class Trainer:
 
     def _clip_gradients(self) -> torch.Tensor | None:
         max_norm = self.cfg.training.max_grad_norm or float("inf")
-        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)  # None under DeepSpeed
+        # under DeepSpeed its engine clips in its own step (gradient_clipping), and this is the norm it found there
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _log_train(self, window: Throughput, grad_norm, bar) -> None:
         p = self.progress
