@@ -421,8 +421,8 @@ class Collator:
     needs no device sync to find them. Packed rows carry ``position_ids`` restarting at 0 for each
     example and no attention mask, so transformers gives each example its own causal block (with
     ``use_cache=False``); the first label of every example is ignored, so no example learns from the
-    one before it. Unpacked batches carry an attention mask instead. An empty item list gives one
-    all-ignored row.
+    one before it. Unpacked batches carry an attention mask instead (except under ``varlen``). An empty item
+    list gives one all-ignored row.
 
     ``varlen`` (flash-attention, packed or not): the micro-batch's examples are laid end to end as one
     row, with no padding, ``position_ids`` restarting at 0 for each, and the batch carries their bounds as
@@ -480,6 +480,12 @@ class Collator:
             labels += [IGNORE_INDEX] + list(e["labels"][1:])
             positions += range(len(e["input_ids"]))
         return ids, labels, positions
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``, its numbers as they are. The copies do not wait for the GPU: CUDA stages
+    pageable memory at once, so the CPU goes on queueing the step's work while the GPU runs the last one."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def uses_varlen(model) -> bool:

@@ -162,7 +162,7 @@ def dataset_loss(model, split: data_lib.TokenizedSplit, pad_token_id: int, batch
     plan = data_lib.eval_plan(split, batch_size, data_lib.long_context_threshold(model.config))
     for indices in tqdm(plan, desc=desc, dynamic_ncols=True):
         batch = collate([[split.dataset[i]] for i in indices])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = data_lib.to_device(batch, device)  # flash-attention's bounds include plain ints
         total += float(token_loss_sum(model, batch, chunk_size).double())
         tokens += supervised_tokens(batch)
     return total / max(tokens, 1), tokens

@@ -171,12 +171,6 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on ``device``, its numbers as they are. The copies do not wait for the GPU: CUDA stages
-    pageable memory at once, so the CPU goes on queueing the step's work while the GPU runs the last one."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @dataclass
 class Progress:
     """Where the run is: optimizer steps done, position in the data, tokens seen."""
@@ -414,8 +408,9 @@ class Trainer:
 
         Returns the step's global (token loss sum, supervised tokens, all tokens) and the grad norm (a
         0-dim tensor, read only when logged). On one GPU the step waits for the device once, at its end
-        (the loss sum; with packing also once a micro-batch, where transformers looks for the examples'
-        bounds in ``position_ids``): the supervised positions come from the collator and the step's clock uses CUDA
+        (the loss sum; under fp16 also for the loss scale around the optimizer step; with packing and sdpa also
+        once a micro-batch, where transformers looks for the examples' bounds in ``position_ids``; flash-attention
+        gets them from the collator): the supervised positions come from the collator and the step's clock uses CUDA
         events, so the CPU keeps queueing work while the GPU runs the forward, backward and optimizer.
         """
         acc = self.accelerator
@@ -431,7 +426,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
         for batch in batches:
-            batch = to_device(batch, acc.device)
+            batch = data_lib.to_device(batch, acc.device)
             with acc.accumulate(self.model), acc.autocast():  # autocast also covers a chunked loss's lm_head
                 loss = token_loss_sum(self.model, batch, self.loss_chunk_size)
                 acc.backward(loss * scale)  # under DeepSpeed this also steps the optimizer on the last one
@@ -488,7 +483,7 @@ class Trainer:
                 stopped = True
                 break
             batch = self.eval_collate([[self.eval_data.dataset[i]] for i in idx])
-            batch = to_device(batch, acc.device)
+            batch = data_lib.to_device(batch, acc.device)
             with acc.autocast():
                 totals[0] += token_loss_sum(self.model, batch, self.loss_chunk_size).double()
             totals[1] += supervised_tokens(batch)

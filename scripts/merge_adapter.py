@@ -87,8 +87,10 @@ def merge_device(choice: str, model, dtype: torch.dtype) -> str:
 
 @torch.no_grad()
 def logits_on(model, inputs) -> torch.Tensor:
+    """The model's float32 logits at the prompts' real positions (padding carries no meaning), on the CPU."""
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     logits = model(**inputs).logits.float()
-    return logits[inputs["attention_mask"].bool()]  # padding positions carry no meaning
+    return logits[inputs["attention_mask"].bool()].cpu()
 
 
 def main(argv=None):
@@ -113,15 +115,19 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             raise ConfigError("--dtype bfloat16: this GPU has no native bfloat16; merge on --device cpu (or auto), "
                               "or ask for --dtype float16")
+        if args.device == "auto":
+            print("merging on the CPU: this GPU has no native bfloat16 (--dtype bfloat16)")
         args.device = "cpu"
     tokenizer = load_tokenizer_for(cfg)
-    # a 4-bit base is loaded as trained for the reference logits, in the dtype chosen for this GPU
-    model = load_for_inference(cfg, tokenizer, args.adapter, dtype=None if quantized else dtype)
+    as_trained = is_quantized(cfg.model)  # 4-bit still: the reference logits come from the base as trained,
+    # where bitsandbytes put it and in the compute dtype chosen for this GPU; it is loaded again for the merge
+    model = load_for_inference(cfg, tokenizer, args.adapter, dtype=None if as_trained else dtype)
     device = merge_device(args.device, model, dtype)
-    model.to(device)
-    inputs = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, CHECK_PROMPTS).items()}
+    if not as_trained:
+        model.to(device)
+    inputs = encode_prompts(tokenizer, CHECK_PROMPTS)
     tuned = logits_on(model, inputs)
-    reference = "quantized base + adapter, as trained" if is_quantized(cfg.model) else "base + adapter"
+    reference = "quantized base + adapter, as trained" if as_trained else "base + adapter"
     if quantized and args.qlora_base == "dequantized":
         print(f"QLoRA adapter: merging into its quantized base dequantized to {args.dtype}, the weights it was "
               "trained on")

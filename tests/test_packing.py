@@ -139,6 +139,15 @@ def test_flash_attention_sees_each_packed_example_alone(monkeypatch):
         error = float((varlen_grad - grads[1][name]).abs().max() / grads[1][name].abs().max())
         assert error < 1e-5, f"{name}: relative difference {error:.2e}"
 
+    # evaluate.py's loss (inference.dataset_loss) collates its batches the same way under flash-attention
+    from phi3_lora.inference import dataset_loss
+    losses = {}
+    for attention in ("flash_attention_2", "sdpa"):
+        model.config._attn_implementation_internal = attention
+        losses[attention] = dataset_loss(model, train, tokenizer.pad_token_id, batch_size=4)
+    assert losses["flash_attention_2"][1] == losses["sdpa"][1]  # the same supervised tokens
+    assert losses["flash_attention_2"][0] == pytest.approx(losses["sdpa"][0], rel=1e-5)
+
 
 def test_packing_is_not_isolated_with_a_cache():
     """Why the loop passes use_cache=False: with a cache, transformers does not split packed rows."""
