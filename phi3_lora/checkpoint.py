@@ -215,7 +215,8 @@ def deepspeed_loads_safely(engine):
     load; any other object in them is a CheckpointError naming the file and the object."""
     import importlib
 
-    names = [*DEEPSPEED_SAFE_GLOBALS, *filter(None, os.environ.get(TRUSTED_GLOBALS_ENV, "").replace(" ", "").split(","))]
+    trusted = os.environ.get(TRUSTED_GLOBALS_ENV, "").replace(" ", "")
+    names = [*DEEPSPEED_SAFE_GLOBALS, *filter(None, trusted.split(","))]
     try:
         allowed = [getattr(importlib.import_module(module), name)
                    for module, _, name in (g.rpartition(".") for g in names)]

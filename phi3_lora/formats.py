@@ -97,16 +97,16 @@ def read_rows(path: str, split: str = "train", demo_size: int = 1200, seed: int 
         raise DataError(f"could not load dataset '{path}' split '{split}': {str(err).splitlines()[0]}") from None
 
 
-def read_utf8_text(path: Path, error=None) -> str:
+def read_utf8_text(path: Path) -> str:
     """The text of ``path`` without a UTF-8 byte-order mark (some editors write one); bytes that are not UTF-8
-    raise ``error`` (default ``DataError``) naming the line and byte."""
+    are a ``DataError`` naming the line and byte."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raw = path.read_bytes()
         at = err.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # counted after the byte-order mark
         line = raw[:at].count(b"\n") + 1
-        raise (error or DataError)(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {at})") from None
+        raise DataError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {at})") from None
 
 
 def _read_json(path: Path) -> list[dict]:

@@ -32,8 +32,8 @@ from . import data as data_lib
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, effective_chunk_size, load_config
 from .loss import supervised_tokens, token_loss_sum
-from .lora import (adapters_for_autocast, adapters_for_deepspeed, attach_lora, load_adapter_dir, parameter_counts, save_adapter,
-                   write_adapter)
+from .lora import (adapters_for_autocast, adapters_for_deepspeed, attach_lora, load_adapter_dir, parameter_counts,
+                   save_adapter, write_adapter)
 from .metrics import (RunLog, Throughput, examples_flops_per_token, mfu, peak_flops, peak_memory_gb,
                       write_summary)
 from .model import (compile_decoder_layers, enable_gradient_checkpointing, load_model, load_tokenizer,
@@ -586,12 +586,10 @@ class Trainer:
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"
         if not rng_json.is_file():
             raise ckpt.CheckpointError(f"{rng_json}: file not found")
+        tensors = ckpt.read_safetensors(path / "rng" / f"rank-{acc.process_index}.safetensors")
         try:
-            ckpt.set_rng_state(json.loads(rng_json.read_text()),
-                               ckpt.read_safetensors(path / "rng" / f"rank-{acc.process_index}.safetensors"))
+            ckpt.set_rng_state(json.loads(rng_json.read_text()), tensors)
         except (KeyError, TypeError, ValueError) as err:  # a marker made anew over hand-assembled files
-            if isinstance(err, ckpt.CheckpointError):
-                raise
             raise ckpt.CheckpointError(f"{rng_json}: not the RNG states this toolkit saves ({err})") from None
         fields = {k: v for k, v in state.items() if k in Progress.__dataclass_fields__}
         self.progress = Progress(**{**fields, "eval_losses": [tuple(e) for e in fields["eval_losses"]]})

@@ -450,8 +450,9 @@ def test_pickle_in_place_of_safetensors_never_runs(checkpointed_run, tmp_path_fa
     with pytest.raises(ckpt.CheckpointError, match=r"scheduler.pt: not a tensors-only PyTorch file; refused"):
         ckpt.torch_load(torch_file)
     torch.save({"scheduler": Exploit(marker)}, torch_file)
-    with pytest.raises(ckpt.CheckpointError, match=r"scheduler.pt: holds a Python object \(posix.system\) that only "
-                                                   r"an unpickling load would build, which could run any code; refused$"):
+    refused = (r"scheduler.pt: holds a Python object \(posix.system\) that only an unpickling load would build, "
+               r"which could run any code; refused$")
+    with pytest.raises(ckpt.CheckpointError, match=refused):
         ckpt.torch_load(torch_file)
     assert not marker.exists()
 
@@ -833,6 +834,7 @@ def test_a_fresh_run_over_a_finished_one_says_so_and_drops_its_summary(tmp_path,
     before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
     capsys.readouterr()
     in_process_trainer(cfg)  # set up, not trained: as if killed before its end
-    assert f"note: {tmp_path} holds an earlier run's adapter; this run replaces it when it ends" in capsys.readouterr().out
+    note = f"note: {tmp_path} holds an earlier run's adapter; this run replaces it when it ends"
+    assert note in capsys.readouterr().out
     assert not (tmp_path / "summary.json").exists()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before

@@ -493,10 +493,11 @@ def test_a_damaged_saved_dataset_is_one_line(tmp_path):
     datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}] * 4).save_to_disk(str(saved))
     (arrow,) = saved.glob("*.arrow")
     arrow.write_bytes(arrow.read_bytes()[:300])
-    with pytest.raises(DataError, match=rf"^{saved}: a dataset saved with save_to_disk, but not readable \(ArrowInvalid: "):
+    unreadable = rf"^{saved}: a dataset saved with save_to_disk, but not readable"
+    with pytest.raises(DataError, match=unreadable + r" \(ArrowInvalid: "):
         read_rows(str(saved))
     (saved / "state.json").write_text("{broken")
-    with pytest.raises(DataError, match=rf"^{saved}: a dataset saved with save_to_disk, but not readable \(JSONDecodeError: "):
+    with pytest.raises(DataError, match=unreadable + r" \(JSONDecodeError: "):
         read_rows(str(saved))
 
 
