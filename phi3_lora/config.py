@@ -191,6 +191,9 @@ class TrainingConfig:
                                          "(where a chunk's logits stay in cache).", minimum=0)
     compile: bool = _field(False, "torch.compile each decoder layer (in place: names and saved adapters unchanged); "
                            "the first steps pay the compilation.")
+    fuse_lora_add: bool = _field(True, "Add each LoRA update to its layer's output inside the up-projection's GEMM "
+                                 "(torch.addmm, the scaling in its epilogue) instead of peft's separate scale and "
+                                 "add; ignored under ZeRO-3 and by the loralib backend.")
     mixed_precision: str = _field("auto", "Autocast: auto = bf16 when the weights are bf16 on a GPU, fp16 (with loss "
                                   "scaling) when they are fp16, else no.",
                                   choices=("auto", "no", "bf16", "fp16"))

@@ -172,3 +172,23 @@ def test_metrics_are_trimmed_to_the_resumed_step_and_a_torn_line_dropped(tmp_pat
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
     trim_metrics(path, -1)
     assert path.read_text() == ""
+
+
+def test_the_steps_garbage_collections_skip_the_objects_that_outlive_them(tmp_path):
+    """The objects that exist when training begins (the model, the libraries' modules) are frozen out of Python's
+    garbage collections during the steps, so a full collection no longer stalls a step examining them all; once
+    train() returns they are collectable again."""
+    import gc
+    cfg = load_config(None, [*FAST, f"output_dir={tmp_path}", "training.max_steps=2", "data.eval_size=0"])
+    trainer = in_process_trainer(cfg)
+    model, step, seen = trainer.model, trainer.train_step, []
+
+    def recording_step(batches):
+        seen.append((gc.get_freeze_count(), any(o is model for o in gc.get_objects())))
+        return step(batches)
+
+    trainer.train_step = recording_step
+    assert any(o is model for o in gc.get_objects()) and gc.get_freeze_count() == 0
+    trainer.train()
+    assert len(seen) == 2 and all(count > 10_000 and not tracked for count, tracked in seen)
+    assert gc.get_freeze_count() == 0 and any(o is model for o in gc.get_objects())
