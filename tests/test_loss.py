@@ -421,14 +421,24 @@ def test_optimizer_groups_decay_matrices_only():
 
 
 def test_steps_after_an_evaluation_train_with_dropout(tmp_path):
-    """An evaluation puts the model in eval mode; the next optimizer step's adapters see their dropout again."""
+    """The first step trains with dropout, even on a base that from_pretrained left in eval mode; an evaluation
+    puts the model in eval mode, and the next optimizer step's adapters see their dropout again. model.train(),
+    a walk over every module, runs only when the mode changes."""
     trainer = fresh_trainer(tmp_path, "lora.dropout=0.5", "data.eval_size=8")
-    modes = []
+    trainer.model.eval()  # as from_pretrained leaves a model
+    modes, switches = [], []
     dropouts = [m for name, m in trainer.model.named_modules() if name.endswith("lora_dropout.default")]
     for module in dropouts:
         module.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    train = trainer.model.train
+    trainer.model.train = lambda mode=True: switches.append(mode) or train(mode)
+    batches = trainer._batches_of_epoch()
+    for _ in range(2):
+        trainer.train_step(next(batches))
+    assert len(modes) == 2 * len(dropouts) and all(modes) and switches == [True]
+    modes.clear()
     trainer.evaluate()
     assert modes and not any(modes)
     modes.clear()
-    trainer.train_step(next(trainer._batches_of_epoch()))
-    assert len(modes) == len(dropouts) and all(modes)
+    trainer.train_step(next(batches))
+    assert len(modes) == len(dropouts) and all(modes) and switches == [True, False, True]  # eval() is train(False)
