@@ -276,9 +276,20 @@ class StepClock:
     """Clock readings at the start and end of each optimizer step, after the GPU has finished its work."""
 
     def __init__(self):
+        import gc
         self.begins: list[float] = []
         self.ends: list[float] = []
         self.on_step_end = None  # called after each step's reading (the profiler's step)
+        self.collections: list[tuple[int, int, float]] = []  # (step, generation, seconds) of each in-step collection
+        self._collecting_since = None
+        gc.callbacks.append(self._garbage_collection)
+
+    def _garbage_collection(self, phase: str, info: dict) -> None:
+        """Python's garbage collections that run inside a step: a full one can stall a CPU-bound step."""
+        if phase == "start":
+            self._collecting_since = time.perf_counter()
+        elif self._collecting_since is not None and len(self.begins) > len(self.ends):
+            self.collections.append((len(self.ends), info["generation"], time.perf_counter() - self._collecting_since))
 
     def step_begin(self) -> None:
         self.begins.append(_synchronized_now())
@@ -296,9 +307,16 @@ class StepClock:
         wall = self.ends[-1] - self.ends[warmup - 1]
         inside = sum(end - begin for begin, end in zip(self.begins[warmup:], self.ends[warmup:]))
         timed_tokens = sum(tokens[warmup:])
+        collections = {}
+        for step, generation, seconds in self.collections:
+            if step >= warmup:
+                count, total = collections.get(str(generation), (0, 0.0))
+                collections[str(generation)] = (count + 1, total + seconds)
         return {"warmup_steps": warmup, "timed_steps": len(self.ends) - warmup, "timed_tokens": timed_tokens,
                 "timed_seconds": wall, "tokens_per_second": timed_tokens / wall, "in_step_fraction": inside / wall,
-                "step_seconds": [round(b - a, 6) for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:])]}
+                "step_seconds": [round(b - a, 6) for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:])],
+                "gc_in_timed_steps": {g: {"count": c, "seconds": round(t, 6)} for g, (c, t) in
+                                      sorted(collections.items())}}
 
 
 @contextlib.contextmanager

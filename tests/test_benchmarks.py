@@ -140,6 +140,23 @@ def test_step_clock_times_the_steps_after_warmup():
         clock.figures(4, [10, 20, 20, 20])
 
 
+def test_step_clock_counts_the_garbage_collections_inside_timed_steps():
+    """A full collection inside a timed step is reported with its generation; those in warm-up steps and
+    between steps are not."""
+    import gc
+    clock = gpu_bench.StepClock()
+    try:
+        for step in range(3):
+            clock.step_begin()
+            gc.collect(2 if step else 1)  # step 0 is the warm-up
+            clock.step_end()
+            gc.collect(1)  # between steps
+        collections = clock.figures(1, [5, 5, 5])["gc_in_timed_steps"]
+    finally:
+        gc.callbacks.remove(clock._garbage_collection)
+    assert collections.keys() == {"2"} and collections["2"]["count"] == 2 and collections["2"]["seconds"] > 0
+
+
 def test_make_model_names_every_package_that_does_not_import(tmp_path, monkeypatch):
     """A carried wheel whose dependency is missing fails make-model at once, naming it (not each run later)."""
     (tmp_path / "needs_httpx2.py").write_text("import httpx2_not_here\n")
