@@ -275,11 +275,13 @@ def describe_rows(input_ids: list[list[int]], labels: list[list[int]], seq: int)
 class StepClock:
     """Clock readings at the start and end of each optimizer step, after the GPU has finished its work."""
 
-    def __init__(self):
+    def __init__(self, count_calls_from: int | None = None):
         import gc
         self.begins: list[float] = []
         self.ends: list[float] = []
         self.on_step_end = None  # called after each step's reading (the profiler's step)
+        self.count_calls_from = count_calls_from  # from this step on (0-based), cProfile counts Python's calls
+        self.calls, self.steps_counted = None, 0
         self.collections: list[tuple[int, int, float]] = []  # (step, generation, seconds) of each in-step collection
         self._collecting_since = None
         gc.callbacks.append(self._garbage_collection)
@@ -293,11 +295,26 @@ class StepClock:
 
     def step_begin(self) -> None:
         self.begins.append(_synchronized_now())
+        if self.count_calls_from is not None and len(self.ends) >= self.count_calls_from:
+            import cProfile
+            self.calls = self.calls or cProfile.Profile()
+            self.calls.enable()
 
     def step_end(self) -> None:
+        if self.calls is not None and len(self.ends) >= self.count_calls_from:
+            self.calls.disable()
+            self.steps_counted += 1
         self.ends.append(_synchronized_now())
         if self.on_step_end is not None:
             self.on_step_end()
+
+    def python_calls_per_step(self) -> float | None:
+        """Python function calls per step (C functions included) over the steps counted: where a GPU waits for
+        the host (seq 2048 with checkpointing), the host's Python is much of the step."""
+        if not self.steps_counted:
+            return None
+        import pstats
+        return sum(calls for _, calls, *_ in pstats.Stats(self.calls).stats.values()) / self.steps_counted
 
     def figures(self, warmup: int, tokens: list[int]) -> dict:
         """Throughput of the steps after the first ``warmup``; ``tokens`` holds each step's tokens."""
@@ -316,7 +333,8 @@ class StepClock:
                 "timed_seconds": wall, "tokens_per_second": timed_tokens / wall, "in_step_fraction": inside / wall,
                 "step_seconds": [round(b - a, 6) for a, b in zip(self.ends[warmup - 1:], self.ends[warmup:])],
                 "gc_in_timed_steps": {g: {"count": c, "seconds": round(t, 6)} for g, (c, t) in
-                                      sorted(collections.items())}}
+                                      sorted(collections.items())},
+                "python_calls_per_step": self.python_calls_per_step()}
 
 
 @contextlib.contextmanager
@@ -454,7 +472,7 @@ def write_result(args, side: str, cfg, model_config, adapter_parameters: int, ti
               "recipe": str(args.recipe), "overrides": args.set, "variant": args.variant, "device": device,
               "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
               "attention": cfg.model.attn_implementation, "optimizer": cfg.training.optimizer,
-              "paged_replaced": args.paged_replaced, "profiled": bool(args.profile), **timing,
+              "paged_replaced": args.paged_replaced, "profiled": bool(args.profile or args.count_calls), **timing,
               "flops_per_token": flops, "mfu": mfu(timing["tokens_per_second"], flops, peak_flops(device)),
               "adapter_parameters": adapter_parameters, **memory, "final_train_loss": final_loss, **rows,
               "versions": versions(), **extra}
@@ -463,6 +481,11 @@ def write_result(args, side: str, cfg, model_config, adapter_parameters: int, ti
           f"MFU {_percent(result['mfu'])}, peak {_number(result['peak_gb'], 2)} GB, final loss "
           f"{_number(final_loss, 4)} -> {args.out}")
     return result
+
+
+def calls_from(args) -> int | None:
+    """With --count-calls, the first of the last (up to 3) timed steps, 0-based."""
+    return args.warmup + args.steps - min(3, args.steps) if args.count_calls else None
 
 
 def fresh_work_dir(out: str) -> Path:
@@ -481,7 +504,7 @@ def ours(args) -> None:
 
     work = fresh_work_dir(args.out)
     cfg = bench_config(args, work)
-    clock, tokens = StepClock(), []
+    clock, tokens = StepClock(calls_from(args)), []
 
     class TimedTrainer(Trainer):
         """Our Trainer with the benchmark's clock read around each optimizer step."""
@@ -540,7 +563,7 @@ def trl(args) -> None:
     m, t = cfg.model, cfg.training
     if m.load_in_4bit or m.load_in_8bit or cfg.lora.backend != "peft":
         raise SystemExit("the trl side runs peft LoRA on an unquantized base only")
-    clock = StepClock()
+    clock = StepClock(calls_from(args))
 
     class Clock(TrainerCallback):
         """The benchmark's clock read around each optimizer step, as in our TimedTrainer."""
@@ -800,6 +823,9 @@ def parser() -> argparse.ArgumentParser:
         run.add_argument("--profile", metavar="PATH",
                          help="profile the last (up to 3) timed steps with torch.profiler: the table to PATH, the "
                               "trace to PATH.trace.json.gz; it slows them")
+        run.add_argument("--count-calls", action="store_true",
+                         help="count Python's function calls in the last (up to 3) timed steps with cProfile "
+                              "(python_calls_per_step in the JSON); it slows them")
         run.add_argument("--label", required=True)
         run.add_argument("--variant", default="", help="names the --set overrides of an extra run (EXTRA_RUNS); "
                          "the goals are judged on runs without one, variants against their plain twin")

@@ -157,6 +157,25 @@ def test_step_clock_counts_the_garbage_collections_inside_timed_steps():
     assert collections.keys() == {"2"} and collections["2"]["count"] == 2 and collections["2"]["seconds"] > 0
 
 
+def test_step_clock_counts_python_calls_in_the_last_steps_only():
+    """--count-calls: cProfile counts the Python function calls of the steps from count_calls_from on, per step;
+    without it the figure is None."""
+    def calls(n):
+        for _ in range(n):
+            len([])  # one C function call each
+
+    clock = gpu_bench.StepClock(count_calls_from=2)
+    for step in range(4):
+        clock.step_begin()
+        calls(1000 if step < 2 else 10)  # the counted steps make few calls; the first two many
+        clock.step_end()
+    figures = clock.figures(1, [5, 5, 5, 5])
+    assert clock.steps_counted == 2 and 10 <= figures["python_calls_per_step"] < 100
+    plain = gpu_bench.StepClock()
+    plain.begins, plain.ends = [0.0, 1.0], [0.5, 2.0]
+    assert plain.figures(1, [5, 5])["python_calls_per_step"] is None
+
+
 def test_make_model_names_every_package_that_does_not_import(tmp_path, monkeypatch):
     """A carried wheel whose dependency is missing fails make-model at once, naming it (not each run later)."""
     (tmp_path / "needs_httpx2.py").write_text("import httpx2_not_here\n")
