@@ -286,6 +286,11 @@ class StepClock:
         self._collecting_since = None
         gc.callbacks.append(self._garbage_collection)
 
+    def close(self) -> None:
+        """Stop watching the garbage collector (a test makes several clocks in one process)."""
+        import gc
+        gc.callbacks.remove(self._garbage_collection)
+
     def _garbage_collection(self, phase: str, info: dict) -> None:
         """Python's garbage collections that run inside a step: a full one can stall a CPU-bound step."""
         if phase == "start":

@@ -326,8 +326,10 @@ class Trainer:
         # Python's full garbage collections examine every object it tracks: after the imports and the model about
         # 480,000, 0.26 s a collection in the middle of a step (the tiny model on a CPU: 2 of 60 steps, 5% of
         # the time). Those objects live as long as the run; frozen, the collections skip them (about 1 ms).
-        gc.collect()
-        gc.freeze()
+        freezing = gc.get_freeze_count() == 0  # else the process froze objects itself: leave its choice alone
+        if freezing:
+            gc.collect()
+            gc.freeze()
         try:
             while p.step < self.total_steps:
                 data_clock = time.perf_counter()
@@ -366,7 +368,8 @@ class Trainer:
             if t.save_steps:
                 self.save_checkpoint()
         finally:
-            gc.unfreeze()  # collectable again once the run is over (a Trainer in a longer-lived process)
+            if freezing:
+                gc.unfreeze()  # collectable again once the run is over (a Trainer in a longer-lived process)
             if own_flag:
                 preemption.restore()
         return self.finish(time.perf_counter() - start, whole_run)

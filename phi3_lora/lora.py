@@ -126,9 +126,13 @@ def fuse_adapter_outputs(model) -> int:
 
     Not for ZeRO-3, whose hooks gather ``lora_B``'s partitioned weight only when ``lora_B`` itself is called: the
     caller leaves such a model alone. Layers with a variant (DoRA) or an adapter bias keep peft's forward, and so
-    does any call it handles differently (adapters disabled or merged, several active, ``adapter_names``).
+    does any call it handles differently: adapters disabled or merged, several active, one added later with a
+    variant or a bias, extra arguments (``adapter_names``), or a base output of another dtype than the sum's (a
+    4-bit or 8-bit base returns its input's dtype whatever autocast says: float32 activations under bf16 autocast
+    stay float32 there, as in peft). The forward is a ``functools.partial``, as accelerate attaches its hooks, so
+    the model still pickles and deep-copies.
     """
-    import types
+    import functools
 
     from peft.tuners.lora import LoraLayer
 
@@ -137,7 +141,7 @@ def fuse_adapter_outputs(model) -> int:
         if (isinstance(layer, LoraLayer) and type(layer).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")
                 and layer.lora_B and not getattr(layer, "lora_variant", None) and "forward" not in vars(layer)
                 and all(isinstance(b, torch.nn.Linear) and b.bias is None for b in layer.lora_B.values())):
-            layer.forward = types.MethodType(_forward_adding_in_gemm, layer)
+            layer.forward = functools.partial(_forward_adding_in_gemm, layer)
             fused += 1
     return fused
 
@@ -146,12 +150,16 @@ def _forward_adding_in_gemm(self, x, *args, **kwargs):
     """``fuse_adapter_outputs``' forward of one peft LoRA layer (``self``)."""
     adapters = self.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
-    if (name not in self.lora_A or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
+            or name in getattr(self, "lora_variant", ()) or self.lora_B[name].bias is not None
             or not (x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
-                    or (torch.is_autocast_enabled(x.device.type) and not self.cast_input_dtype_enabled))):
+                    or (autocast and not self.cast_input_dtype_enabled))):
         return type(self).forward(self, x, *args, **kwargs)  # peft's own, with its casts
-    result = self.base_layer(x, *args, **kwargs)
+    result = self.base_layer(x)
     down = self.lora_A[name](self.lora_dropout[name](x.reshape(-1, x.shape[-1])))  # 2-D: no views inside linear
+    if result.dtype != (torch.get_autocast_dtype(x.device.type) if autocast else x.dtype):
+        return result + (self.lora_B[name](down) * self.scaling[name]).view(result.shape)  # peft's sum, its dtype
     summed = torch.addmm(result.reshape(-1, result.shape[-1]), down, self.lora_B[name].weight.t(),
                          alpha=self.scaling[name])
     return summed.view(result.shape)

@@ -138,6 +138,7 @@ def test_step_clock_times_the_steps_after_warmup():
     assert figures["step_seconds"] == [1.5, 2.0, 3.0]
     with pytest.raises(SystemExit, match="too few"):
         clock.figures(4, [10, 20, 20, 20])
+    clock.close()
 
 
 def test_step_clock_counts_the_garbage_collections_inside_timed_steps():
@@ -153,7 +154,8 @@ def test_step_clock_counts_the_garbage_collections_inside_timed_steps():
             gc.collect(1)  # between steps
         collections = clock.figures(1, [5, 5, 5])["gc_in_timed_steps"]
     finally:
-        gc.callbacks.remove(clock._garbage_collection)
+        clock.close()
+    assert clock._garbage_collection not in gc.callbacks
     assert collections.keys() == {"2"} and collections["2"]["count"] == 2 and collections["2"]["seconds"] > 0
 
 
@@ -170,10 +172,12 @@ def test_step_clock_counts_python_calls_in_the_last_steps_only():
         calls(1000 if step < 2 else 10)  # the counted steps make few calls; the first two many
         clock.step_end()
     figures = clock.figures(1, [5, 5, 5, 5])
+    clock.close()
     assert clock.steps_counted == 2 and 10 <= figures["python_calls_per_step"] < 100
     plain = gpu_bench.StepClock()
     plain.begins, plain.ends = [0.0, 1.0], [0.5, 2.0]
     assert plain.figures(1, [5, 5])["python_calls_per_step"] is None
+    plain.close()
 
 
 def test_make_model_names_every_package_that_does_not_import(tmp_path, monkeypatch):

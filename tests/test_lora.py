@@ -122,6 +122,45 @@ def test_peft_forward_stays_where_it_differs(ids):
     assert fused == 0 and not any("forward" in vars(m) for m in dora.modules())
 
 
+@pytest.mark.parametrize("added", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "bias"])
+def test_an_adapter_added_after_fusing_with_a_variant_or_bias_gets_peft_forward(ids, added):
+    """Fusing looks at the adapters there are; an adapter added later with DoRA or a bias is computed by peft."""
+    from peft import LoraConfig as PeftLoraConfig
+    peft_model, fused_model, _ = tiny_pair()
+    for model in (peft_model, fused_model):
+        torch.manual_seed(3)
+        model.add_adapter("later", PeftLoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                                                  **added))
+        model.set_adapter("later")
+        with torch.no_grad():  # DoRA's magnitudes start as the weight norms: at init it computes LoRA's numbers
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector.later" in name:
+                    p.mul_(1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_model(input_ids=ids).logits, peft_model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_model_pickles_and_deep_copies(ids):
+    """The forward is a functools.partial of the layer, as accelerate's hooks are: torch.save of the whole model
+    loads back (and a deep copy computes with its own weights)."""
+    import io
+    _, fused_model, _ = tiny_pair()
+    buffer = io.BytesIO()
+    torch.save(fused_model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # our own object, just written
+    copied = copy.deepcopy(fused_model)
+    with torch.no_grad():
+        copied.base_model.model.model.layers[0].mlp.down_proj.lora_B["default"].weight.zero_()
+        want = fused_model(input_ids=ids).logits
+        with OpCounts() as ops:
+            torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+        assert ops.counts["addmm"] == 8
+        assert not torch.allclose(copied(input_ids=ids).logits, want)
+
+
 def test_the_loop_fuses_unless_told_not_to(tmp_path):
     """training.fuse_lora_add (on by default) decides; the loralib backend has no peft layers to fuse."""
     def fused_layers(*overrides):
@@ -152,3 +191,11 @@ def test_4bit_layers_fuse_with_peft_numbers(ids):
     for name, grad in peft_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert peft_ops["clone"] - ops["clone"] == 4 * cfg.model.tiny_layers
+    # float32 activations under bf16 autocast: a 4-bit layer returns float32 whatever autocast says, and so does
+    # peft's sum; the fused layer keeps peft's sum and its dtype
+    layer, peft_layer = (m.base_model.model.model.layers[0].self_attn.o_proj for m in (fused_model, model))
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), OpCounts() as ops:
+        fused_out, peft_out = layer(x), peft_layer(x)
+    assert fused_out.dtype == peft_out.dtype == torch.float32 and ops.counts["addmm"] == 0
+    torch.testing.assert_close(fused_out, peft_out)

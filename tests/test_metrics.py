@@ -177,7 +177,7 @@ def test_metrics_are_trimmed_to_the_resumed_step_and_a_torn_line_dropped(tmp_pat
 def test_the_steps_garbage_collections_skip_the_objects_that_outlive_them(tmp_path):
     """The objects that exist when training begins (the model, the libraries' modules) are frozen out of Python's
     garbage collections during the steps, so a full collection no longer stalls a step examining them all; once
-    train() returns they are collectable again."""
+    train() returns they are collectable again. Objects the process froze itself stay frozen."""
     import gc
     cfg = load_config(None, [*FAST, f"output_dir={tmp_path}", "training.max_steps=2", "data.eval_size=0"])
     trainer = in_process_trainer(cfg)
@@ -192,3 +192,10 @@ def test_the_steps_garbage_collections_skip_the_objects_that_outlive_them(tmp_pa
     trainer.train()
     assert len(seen) == 2 and all(count > 10_000 and not tracked for count, tracked in seen)
     assert gc.get_freeze_count() == 0 and any(o is model for o in gc.get_objects())
+    gc.freeze()  # a process that froze its objects itself (before forking, say): train() leaves them frozen
+    try:
+        trainer.cfg.training.max_steps, trainer.total_steps = 3, 3
+        trainer.train()
+        assert len(seen) == 3 and gc.get_freeze_count() > 0 and not any(o is model for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
