@@ -139,11 +139,16 @@ def fuse_adapter_outputs(model) -> int:
     fused = 0
     for layer in model.modules():
         if (isinstance(layer, LoraLayer) and type(layer).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")
-                and layer.lora_B and not getattr(layer, "lora_variant", None) and "forward" not in vars(layer)
-                and all(isinstance(b, torch.nn.Linear) and b.bias is None for b in layer.lora_B.values())):
+                and layer.lora_B and "forward" not in vars(layer)
+                and all(_adds_plainly(layer, name) for name in layer.lora_B)):
             layer.forward = functools.partial(_forward_adding_in_gemm, layer)
             fused += 1
     return fused
+
+
+def _adds_plainly(layer, name: str) -> bool:
+    """Adapter ``name`` of a peft LoRA layer is plain LoRA: no variant (DoRA) and no bias on its up-projection."""
+    return name not in getattr(layer, "lora_variant", ()) and layer.lora_B[name].bias is None
 
 
 def _forward_adding_in_gemm(self, x, *args, **kwargs):
@@ -152,7 +157,7 @@ def _forward_adding_in_gemm(self, x, *args, **kwargs):
     name = adapters[0] if len(adapters) == 1 else None
     autocast = torch.is_autocast_enabled(x.device.type)
     if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
-            or name in getattr(self, "lora_variant", ()) or self.lora_B[name].bias is not None
+            or not _adds_plainly(self, name)
             or not (x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
                     or (autocast and not self.cast_input_dtype_enabled))):
         return type(self).forward(self, x, *args, **kwargs)  # peft's own, with its casts

@@ -23,18 +23,23 @@ class OpCounts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def with_nonzero_b(model):
+    """``model`` with its adapters' B drawn at random (B = 0 at init would make every update zero)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
 def tiny_pair(dropout=0.0, **lora):
     """A 2-layer tiny Phi-3 with adapters whose B is not zero, and a deep copy of it with fused layers."""
     from transformers import Phi3ForCausalLM
 
     from phi3_lora.tiny import tiny_phi3_config, tiny_tokenizer
     torch.manual_seed(0)
-    model = attach_lora(Phi3ForCausalLM(tiny_phi3_config(tiny_tokenizer(), layers=2, hidden=64)),
-                        LoraConfig(r=4, alpha=8, dropout=dropout, **lora), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = with_nonzero_b(attach_lora(Phi3ForCausalLM(tiny_phi3_config(tiny_tokenizer(), layers=2, hidden=64)),
+                                       LoraConfig(r=4, alpha=8, dropout=dropout, **lora), seed=0))
     fused = copy.deepcopy(model)
     return model, fused, fuse_adapter_outputs(fused)
 
@@ -177,11 +182,7 @@ def test_4bit_layers_fuse_with_peft_numbers(ids):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e '.[qlora]')")
     from phi3_lora.model import load_model, load_tokenizer
     cfg = load_config(None, ["model.load_in_4bit=true", "model.tiny_hidden_size=64", "lora.dropout=0"])
-    model = attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    model = with_nonzero_b(attach_lora(load_model(cfg.model, load_tokenizer(cfg.model)), cfg.lora, seed=0))
     fused_model = copy.deepcopy(model)
     assert fuse_adapter_outputs(fused_model) == 4 * cfg.model.tiny_layers
     assert {type(m).__name__ for m in fused_model.modules() if "forward" in vars(m)} == {"Linear4bit"}
