@@ -800,14 +800,8 @@ def compiled_what(run: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
+    from phi3_lora.cli import positive
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-model", help="build (or reuse) the random model and check what the runs need")
@@ -818,9 +812,9 @@ def parser() -> argparse.ArgumentParser:
         run = sub.add_parser(side, help=f"one run of {'our loop' if side == 'ours' else 'trl SFTTrainer'}")
         run.add_argument("--model", required=True, help="the directory make-model wrote")
         run.add_argument("--recipe", required=True, help="a training recipe, e.g. configs/phi3-mini-4k-lora.yaml")
-        run.add_argument("--seq", type=positive, required=True, help="tokens in every row")
-        run.add_argument("--warmup", type=positive, default=3, help="untimed steps first")
-        run.add_argument("--steps", type=positive, default=10, help="timed steps")
+        run.add_argument("--seq", type=positive(), required=True, help="tokens in every row")
+        run.add_argument("--warmup", type=positive(), default=3, help="untimed steps first")
+        run.add_argument("--steps", type=positive(), default=10, help="timed steps")
         run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, applied last")
         run.add_argument("--no-paged", action="store_true",
                          help="run a paged optimizer unpaged (check-paged failed): " + ", ".join(
