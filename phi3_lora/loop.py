@@ -403,7 +403,7 @@ class Trainer:
         last = ckpt.complete_checkpoints(self.out)
         if not last or last[-1].name != ckpt.step_directory(self.out, self.progress.step).name:
             self.save_checkpoint()
-        self.accelerator.end_training()
+        self._end_training()
         raise ckpt.Preempted(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: "
                              f"checkpoint {ckpt.step_directory(self.out, self.progress.step)} saved; run again "
                              "with training.resume_from=auto to continue")
@@ -620,6 +620,16 @@ class Trainer:
         return mfu(tokens_per_second, self.flops_per_token, peak_flops(self._device_name()),
                    self.accelerator.num_processes)
 
+    def _end_training(self) -> None:
+        """Close TensorBoard and the process group, all processes together: each waits until every one is done
+        with its collectives, and a DeepSpeed engine takes its hooks off (``destroy``) while the group still
+        exists. (A ZeRO-3 process on the CPU has aborted now and then at exit, after its work was written.)"""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.uses_deepspeed:
+            self.model.destroy()
+        acc.end_training()
+
     @property
     def uses_deepspeed(self) -> bool:
         return self.accelerator.state.deepspeed_plugin is not None
@@ -661,7 +671,7 @@ class Trainer:
         }
         if acc.is_main_process:
             write_summary(self.out, summary)
-        acc.end_training()
+        self._end_training()
         acc.print(
             f"\ndone: {p.step} steps in {p.train_seconds:.1f}s"
             f"{'' if self.resume_dir is None else f' ({wall_time:.1f}s in this attempt)'}, "
