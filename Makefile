@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 # CUDA build; on a GPU machine `make setup TORCH="torch==2.13.0"` (the default) gets PyPI's CUDA build.
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Tests run two at a time, a test file per worker (its module fixtures built once): most of a test's time is a
+# subprocess importing libraries on one core, so two keep a 2-core machine busy. TEST_WORKERS=0: one at a time.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test clean
 
@@ -27,7 +30,7 @@ demo: setup
 	$(PY) scripts/train.py
 
 test: setup $(VENV)/.deepspeed-ops
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -30,6 +30,6 @@ setup(
         "qlora": ["bitsandbytes>=0.45,<1"],
         "deepspeed": ["deepspeed>=0.16,<1"],
         "bench": ["trl>=0.20,<2", "bitsandbytes>=0.45,<1"],  # benchmarks/: trl's SFTTrainer side, QLoRA runs
-        "dev": ["pytest>=8", "bitsandbytes>=0.45,<1", "deepspeed>=0.16,<1", "trl>=0.20,<2"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "bitsandbytes>=0.45,<1", "deepspeed>=0.16,<1", "trl>=0.20,<2"],
     },
 )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real two-node SLURM cluster)
+from slurm_cluster import free_ports, slurm_cluster  # noqa: F401  (session fixture: a real two-node SLURM cluster)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHI3_LORA_SHARED", ROOT.parent / "shared"))
@@ -59,8 +59,10 @@ def train_losses(output_dir: Path) -> list[tuple[int, float]]:
 
 
 def accelerate_launch(num_processes: int, *extra: str) -> list[str]:
+    """An accelerate launch on a free rendezvous port (not 29500: the suite runs two tests at a time)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *extra]
+            "--num_machines", "1", "--main_process_port", str(free_ports(1)[0]), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *extra]
 
 
 def load_adapter_tensors(output_dir: Path) -> dict:

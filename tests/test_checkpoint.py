@@ -1,4 +1,5 @@
-"""Checkpoints: exact resumption, checked strict=False loading, crash safety, rotation, safe loading."""
+"""Checkpoints: checked strict=False loading, rotation, damaged files, preemption signals, safe loading
+(exact resumption: tests/test_resume.py)."""
 
 import argparse
 import json
@@ -7,7 +8,6 @@ import pickle
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,171 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TRAIN, accelerate_launch, load_adapter_tensors, read_metrics, run_script
+from conftest import TRAIN, read_metrics, run_script
 from phi3_lora import checkpoint as ckpt
 from phi3_lora.config import ConfigError, load_config
-
-# 40 examples in steps of 4: an epoch is 10 steps, so 16 steps cross an epoch boundary.
-RUN = ["data.demo_size=40", "data.eval_size=0", "training.eval_steps=0",
-       "model.tiny_hidden_size=64", "data.max_seq_len=256", "training.max_steps=16", "training.learning_rate=2e-3",
-       "training.logging_steps=3"]
-
-
-def start(out, *overrides, launcher=None):
-    args = (launcher or [sys.executable]) + [str(TRAIN), f"output_dir={out}", *RUN, *overrides]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(proc, timeout=600):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def wait_for_step(out: Path, step: int, proc, timeout=300):
-    """Block until metrics.jsonl shows ``step`` (logged every 3rd step, so the stop lands mid-window)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.communicate()[0][-3000:]}")
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= step
-                                    for line in metrics.read_text().splitlines() if line.endswith("}")):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
-def uninterrupted(tmp_path_factory, name, *overrides, launcher=None):
-    out = tmp_path_factory.mktemp(name)
-    code, log = finish(start(out, *overrides, launcher=launcher))
-    assert code == 0, log[-3000:]
-    return out
-
-
-def preempt_and_resume(out, stop_after, *overrides, launcher=None, sig=signal.SIGTERM):
-    proc = start(out, "training.save_steps=100", *overrides, launcher=launcher)
-    wait_for_step(out, stop_after, proc)
-    os.killpg(proc.pid, sig) if launcher is None else proc.send_signal(sig)
-    code, log = finish(proc)
-    assert "preempted: stopped by" in log, log[-3000:]
-    if launcher is None:
-        assert code == ckpt.EXIT_PREEMPTED
-    saved = ckpt.complete_checkpoints(out)
-    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= stop_after
-    code, log = finish(start(out, "training.save_steps=100", "training.resume_from=auto", *overrides,
-                             launcher=launcher))
-    assert code == 0, log[-3000:]
-    assert f"resumed from {saved[0]}" in log
-    return int(saved[0].name.split("-")[1])
-
-
-def assert_identical(reference, resumed, tol=0.0):
-    ref = [(m["step"], m["loss"]) for m in read_metrics(reference) if "loss" in m]
-    got = [(m["step"], m["loss"]) for m in read_metrics(resumed) if "loss" in m]
-    assert [s for s, _ in got] == [s for s, _ in ref]  # no duplicate or missing steps after the resume
-    for (step, a), (_, b) in zip(ref, got):
-        assert b == pytest.approx(a, rel=tol, abs=0 if tol == 0 else 1e-12), f"step {step}"
-    a, b = load_adapter_tensors(reference), load_adapter_tensors(resumed)
-    assert a.keys() == b.keys()
-    for key in a:
-        if tol == 0:
-            assert torch.equal(a[key], b[key]), key
-        else:
-            torch.testing.assert_close(b[key], a[key], rtol=tol, atol=1e-9)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return uninterrupted(tmp_path_factory, "reference", "lora.dropout=0.1")
-
-
-def test_exact_resume_in_the_second_epoch(reference, tmp_path):
-    """SIGTERM in the second epoch (the accelerate#2016 trap replays epoch 0's order there): the resumed
-    run is bit-identical, dropout included."""
-    saved_at = preempt_and_resume(tmp_path, 12, "lora.dropout=0.1")
-    assert 12 <= saved_at < 16
-    assert_identical(reference, tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 16
-    # the summary's tokens and rate cover both attempts: the first one's time (12+ of 16 steps) counts too
-    assert summary["supervised_tokens"] == json.loads((reference / "summary.json").read_text())["supervised_tokens"]
-    assert summary["wall_time_seconds"] > summary["wall_time_this_attempt_seconds"] > 0
-    assert summary["supervised_tokens_per_second"] == pytest.approx(summary["supervised_tokens"]
-                                                                    / summary["wall_time_seconds"])
-
-
-def test_exact_resume_in_the_first_epoch_and_tensorboard_continues(reference, tmp_path):
-    """SIGTERM after step 6, mid logging window: bit-identical after the resume, across the epoch boundary
-    at step 10; TensorBoard shows every logged step once, with the uninterrupted run's values."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    saved_at = preempt_and_resume(tmp_path, 6, "lora.dropout=0.1")
-    assert 6 <= saved_at < 10
-    assert_identical(reference, tmp_path)
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    steps = [e.step for e in acc.Scalars("train/loss")]
-    assert steps == [3, 6, 9, 12, 15, 16]
-    values = {e.step: e.value for e in acc.Scalars("train/loss")}
-    expected = {m["step"]: m["loss"] for m in read_metrics(reference) if "loss" in m}
-    assert values == pytest.approx(expected, rel=1e-6)
-
-
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_exact_resume_deepspeed_two_processes(tmp_path_factory, tmp_path, stage):
-    launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / f"deepspeed_{stage}.yaml"))
-    common = ["training.per_device_batch_size=2", "lora.dropout=0.1"]  # dropout: each rank's RNG restored as its own
-    reference = uninterrupted(tmp_path_factory, f"ds_{stage}", *common, launcher=launcher)
-    preempt_and_resume(tmp_path, 6, *common, launcher=launcher)
-    assert_identical(reference, tmp_path, tol=1e-6)
-    assert json.loads((tmp_path / "summary.json").read_text())["num_processes"] == 2
-
-
-def _written_since(root: Path, since: float, temporary: bool) -> bool:
-    """An entry of the checkpoints folder (a hidden .tmp one only, if ``temporary``) changed after ``since``."""
-    try:
-        return any(p.stat().st_mtime >= since for p in root.iterdir() if not temporary or p.name.endswith(".tmp"))
-    except FileNotFoundError:  # no folder yet, or an entry renamed or rotated away while we looked
-        return False
-
-
-def test_crash_safety_under_sigkill(reference, tmp_path):
-    """Ten SIGKILLs at random moments, half of them while a checkpoint is being written; every time
-    resume_from=auto finds a complete checkpoint, and the final adapter equals an uninterrupted run's."""
-    rng = random.Random(0)
-    root = ckpt.checkpoints_root(tmp_path)
-    kills_during_save, newest = 0, []
-    for attempt in range(10):
-        started = time.time()
-        proc = start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
-                     "training.resume_from=auto")
-        # kill as soon as this attempt writes a checkpoint (a stale .tmp of the last one does not count), or at a
-        # random moment once it trains (start-up takes 5-8 s here; the 16 steps then take about 2)
-        writing = attempt % 2 == 0
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not _written_since(root, started, writing):
-            time.sleep(0.001)
-        if writing:
-            kills_during_save += proc.poll() is None
-        else:
-            time.sleep(rng.uniform(0.0, 1.5))
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        complete = ckpt.complete_checkpoints(tmp_path)
-        for path in complete:
-            ckpt.verify_checkpoint(path)  # every checkpoint that looks complete is complete
-        newest.append(complete[-1] if complete else None)
-    assert kills_during_save >= 3
-    # the runs made progress through their checkpoints: the newest complete one never went back
-    steps = [int(p.name.split("-")[1]) if p else 0 for p in newest]
-    assert steps == sorted(steps) and steps[-1] > 0, steps
-    code, log = finish(start(tmp_path, "lora.dropout=0.1", "training.save_steps=1", "training.save_total_limit=2",
-                             "training.resume_from=auto"))
-    assert code == 0, log[-3000:]
-    assert f"resumed from {newest[-1]} at step {steps[-1]} " in log  # not a fresh start that happens to match
-    assert_identical(reference, tmp_path)
+from training_runs import RUN, finish, start
 
 
 # ----------------------------------------------------------------------------- strict=False, checked
@@ -634,24 +473,6 @@ def test_narrowing_the_preemption_flag():
     finally:
         signal.signal(signal.SIGUSR2, previous)
 
-
-def test_exact_resume_loralib_backend(tmp_path_factory, tmp_path):
-    """The cookbook's loralib backend resumes exactly too (q,v-only MergedLinear, lora_state_dict files)."""
-    loralib = ["lora.backend=loralib", "lora.qkv_enable=[true,false,true]", "lora.dropout=0.1"]
-    reference = uninterrupted(tmp_path_factory, "loralib_reference", *loralib)
-    preempt_and_resume(tmp_path, 6, *loralib)
-    assert_identical(reference, tmp_path)
-    assert (tmp_path / "adapter" / "loralib_adapter.safetensors").is_file()
-
-
-def test_exact_resume_dora(tmp_path_factory, tmp_path):
-    """DoRA's magnitude vectors are resumed too (peft's file names them differently from the model)."""
-    dora = ["lora.use_dora=true", "lora.dropout=0.1"]
-    reference = uninterrupted(tmp_path_factory, "dora_reference", *dora)
-    preempt_and_resume(tmp_path, 6, *dora)
-    assert_identical(reference, tmp_path)
-    magnitudes = [k for k in load_adapter_tensors(tmp_path) if k.endswith(".lora_magnitude_vector")]  # peft's names
-    assert len(magnitudes) == 2 * 4  # 2 layers x 4 targets
 
 
 @pytest.mark.parametrize("marker", ["[]", '{"files": ["a"]}', '{"files": {"a": 1}}', '{"step": 3}', "{not json"])

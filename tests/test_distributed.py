@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, accelerate_launch, load_adapter_tensors, read_metrics, run_script, train_losses
+from conftest import ROOT, accelerate_launch, free_ports, load_adapter_tensors, read_metrics, run_script, train_losses
 
 RECORD = ROOT / "tests" / "helpers" / "record_train.py"
 N_EXAMPLES = 45  # trained on; 9 more are held out and evaluated (by 2 processes: 5 and 4) before and after
@@ -312,11 +312,8 @@ def test_the_base_loads_onto_the_processs_gpu_unless_zero3_partitions_it(monkeyp
 
 
 def test_two_machines_on_one_host_match_single(single, tmp_path):
-    import socket
     import subprocess
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     procs = []
     for rank in (0, 1):
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",

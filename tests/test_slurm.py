@@ -232,26 +232,43 @@ def submit(cluster, tmp_path, sbatch_file, *args, nodes=2, wait=True, env=None):
     return job_id
 
 
-def test_multinode_sbatch_trains_one_process_per_node(slurm_cluster, tmp_path):
+PREEMPT_STEPS = 16  # one epoch is 15 steps: the resumed run crosses an epoch boundary
+
+
+def two_node_run_args(tmp_path_factory) -> list[str]:
+    """The 2-node training job's arguments but for output_dir: a recipe given with --config after job.sh's own
+    override (as the README's commands put it), and settings under which a resumed run is bit-exact."""
+    recipe = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
+    recipe.write_text("training:\n  learning_rate: 3.0e-3\n")
+    return ["--config", str(recipe), *FAST, f"training.max_steps={PREEMPT_STEPS}", "training.save_steps=4",
+            "lora.dropout=0", "data.eval_size=16"]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_cluster, tmp_path_factory):
+    """One uninterrupted training job on both nodes: (its output_dir, its log, its job id, its arguments)."""
+    logs = tmp_path_factory.mktemp("two_node_run")
+    args = two_node_run_args(tmp_path_factory)
+    out = logs / "run"
+    job_id = submit(slurm_cluster, logs, "train_multinode.sbatch", f"output_dir={out}", *args)
+    return out, job_log(logs, job_id), job_id, args
+
+
+def test_multinode_sbatch_trains_one_process_per_node(two_node_run):
     from peft import PeftModel
     from phi3_lora.config import load_config
     from phi3_lora.model import load_model, load_tokenizer
 
-    out = tmp_path / "run"
-    recipe = tmp_path / "recipe.yaml"  # --config after job.sh's own override, as the README's commands put it
-    recipe.write_text("training:\n  learning_rate: 3.0e-3\n")
-    job_id = submit(slurm_cluster, tmp_path, "train_multinode.sbatch", "--config", str(recipe), f"output_dir={out}",
-                    *FAST, "training.max_steps=8", "data.eval_size=16")
-    log = job_log(tmp_path, job_id)
+    out, log, job_id, _ = two_node_run
     port = 20000 + job_id % 10000
     for node in (0, 1):  # srun --label prefixes each task's lines with its number
         assert f"{node}: launch: node {node} of 2 (n1, n2), 1 CPU (gloo) process(es) per node, 2 in all, " \
                "main process n1:" in log
         assert f"--machine_rank {node} --main_process_ip n1 --main_process_port {port}" in log
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["num_processes"], summary["distributed_type"], summary["steps"]) == (2, "MULTI_CPU", 8)
+    assert (summary["num_processes"], summary["distributed_type"], summary["steps"]) == (2, "MULTI_CPU", PREEMPT_STEPS)
     assert summary["final_eval_loss"] < summary["first_eval_loss"]
-    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 9))  # one writer
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, PREEMPT_STEPS + 1))  # one writer
 
     cfg = load_config(out / "config.yaml")
     assert (cfg.training.learning_rate, cfg.training.resume_from) == (3e-3, "auto")
@@ -309,9 +326,6 @@ def test_signalled_job_is_requeued_and_finishes(slurm_cluster, tmp_path):
     assert "training.resume_from=auto" in log  # every attempt resumes from output_dir's newest checkpoint
 
 
-PREEMPT_STEPS = 16  # one epoch is 15 steps: the resumed run crosses an epoch boundary
-
-
 def last_logged_step(out) -> int:
     """The highest step in metrics.jsonl so far (0 before it exists); a half-written last line is skipped."""
     path = out / "metrics.jsonl"
@@ -324,16 +338,11 @@ def last_logged_step(out) -> int:
     return max(steps)
 
 
-def test_preempted_training_resumes_and_matches_uninterrupted(slurm_cluster, tmp_path):
+def test_preempted_training_resumes_and_matches_uninterrupted(slurm_cluster, two_node_run, tmp_path):
     """The real loop, preempted mid-run on 2 nodes and requeued, ends with the uninterrupted run's adapter."""
-    common = [*FAST, f"training.max_steps={PREEMPT_STEPS}", "training.save_steps=4", "lora.dropout=0",
-              "training.learning_rate=3e-3", "data.eval_size=0"]
-    reference = tmp_path / "reference"
-    submit(slurm_cluster, tmp_path, "train_multinode.sbatch", f"output_dir={reference}", *common)
-
+    reference, _, _, args = two_node_run
     out = tmp_path / "preempted"
-    job_id = submit(slurm_cluster, tmp_path, "train_multinode.sbatch", f"output_dir={out}", *common,
-                    wait=False)
+    job_id = submit(slurm_cluster, tmp_path, "train_multinode.sbatch", f"output_dir={out}", *args, wait=False)
     deadline = time.monotonic() + 300
     while last_logged_step(out) < 6:
         assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
