@@ -13,6 +13,9 @@ from slurm_cluster import free_ports, slurm_cluster  # noqa: F401  (session fixt
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHI3_LORA_SHARED", ROOT.parent / "shared"))
+# Every process a test starts inherits this: one that crashes or aborts in native code (a ZeRO-3 process on the CPU
+# has aborted at exit twice in hundreds of runs, not reproduced since) prints each thread's Python stack first.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 TRAIN = ROOT / "scripts" / "train.py"
 
 # Small, fast runs of the tiny model on the demo data; each test adds its own overrides.

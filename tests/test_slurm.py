@@ -232,7 +232,8 @@ def submit(cluster, tmp_path, sbatch_file, *args, nodes=2, wait=True, env=None):
     return job_id
 
 
-PREEMPT_STEPS = 16  # one epoch is 15 steps: the resumed run crosses an epoch boundary
+PREEMPT_STEPS = 16  # an epoch is 13 steps (104 training examples, 4 a step on each of 2 nodes): the resumed run
+#                    crosses an epoch boundary
 
 
 def two_node_run_args(tmp_path_factory) -> list[str]:
