@@ -236,20 +236,16 @@ PREEMPT_STEPS = 16  # an epoch is 13 steps (104 training examples, 4 a step on e
 #                    crosses an epoch boundary
 
 
-def two_node_run_args(tmp_path_factory) -> list[str]:
-    """The 2-node training job's arguments but for output_dir: a recipe given with --config after job.sh's own
-    override (as the README's commands put it), and settings under which a resumed run is bit-exact."""
-    recipe = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
-    recipe.write_text("training:\n  learning_rate: 3.0e-3\n")
-    return ["--config", str(recipe), *FAST, f"training.max_steps={PREEMPT_STEPS}", "training.save_steps=4",
-            "lora.dropout=0", "data.eval_size=16"]
-
-
 @pytest.fixture(scope="module")
 def two_node_run(slurm_cluster, tmp_path_factory):
-    """One uninterrupted training job on both nodes: (its output_dir, its log, its job id, its arguments)."""
+    """One uninterrupted training job on both nodes: (its output_dir, its log, its job id, its arguments but for
+    output_dir). The recipe comes with --config after job.sh's own override (as the README's commands put it);
+    the settings are ones under which a resumed run is bit-exact."""
     logs = tmp_path_factory.mktemp("two_node_run")
-    args = two_node_run_args(tmp_path_factory)
+    recipe = logs / "recipe.yaml"
+    recipe.write_text("training:\n  learning_rate: 3.0e-3\n")
+    args = ["--config", str(recipe), *FAST, f"training.max_steps={PREEMPT_STEPS}", "training.save_steps=4",
+            "lora.dropout=0", "data.eval_size=16"]
     out = logs / "run"
     job_id = submit(slurm_cluster, logs, "train_multinode.sbatch", f"output_dir={out}", *args)
     return out, job_log(logs, job_id), job_id, args
