@@ -40,7 +40,7 @@ def main():
     from trl import SFTConfig, SFTTrainer
 
     from phi3_lora.config import PHI3_TARGET_MODULES
-    from phi3_lora.tiny import PHI3_CHAT_TEMPLATE
+    from phi3_lora.data import PHI3_CHAT_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.chat_template = PHI3_CHAT_TEMPLATE

@@ -28,11 +28,20 @@ import torch
 
 from .config import DataConfig
 from .formats import DataError, detect_format, is_single_file, read_rows, row_name, to_messages
-from .tiny import PHI3_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
+# The template of Phi-3-mini's later revisions on the hub: like the original one, plus system turns.
+PHI3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -13,16 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
-# The template of Phi-3-mini's later revisions on the hub: like the original one, plus system turns.
-PHI3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-# The template stored with the original Phi-3-mini-4k-instruct (user/assistant only).
+from .data import PHI3_CHAT_TEMPLATE
+
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 PHI3_ADDED_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 

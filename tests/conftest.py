@@ -23,6 +23,15 @@ FAST = ["data.demo_size=120", "data.max_seq_len=256", "training.logging_steps=1"
         "model.tiny_hidden_size=64", "training.per_device_eval_batch_size=16"]
 
 
+def pytest_configure(config):
+    """Silence two warnings about libraries' own code that the project cannot act on (the scripts silence the
+    second too, see ``cli.quiet_library_noise``): bitsandbytes' import calls torch.compile, whose inductor imports
+    torch.utils.mkldnn, which still uses ``torch.jit.script_method``; peft asks transformers for a deprecated
+    ``is_gradient_checkpointing``."""
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
