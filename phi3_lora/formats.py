@@ -115,8 +115,10 @@ def _read_json(path: Path) -> list[dict]:
     if one_document and text.lstrip().startswith("{") and "\n" in text.strip():
         try:
             json.loads(text)
-        except json.JSONDecodeError:
-            pass  # JSON Lines, parsed below
+        except json.JSONDecodeError as err:
+            if not _is_json(next(json_lines(text))[1]):  # one object over many lines, broken: its error's line
+                raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+            # else JSON Lines, parsed below
         else:
             raise DataError(f"{path}: one JSON object; expected a list of rows, or one row per line (JSON Lines)")
     if one_document and text.lstrip().startswith("["):
@@ -139,6 +141,14 @@ def _read_json(path: Path) -> list[dict]:
         if not isinstance(row, dict):
             raise DataError(f"{path} {row_name(rows, i)}: expected a JSON object, got {type(row).__name__}")
     return rows
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def json_lines(text: str):

@@ -265,6 +265,8 @@ def _chat(user="a", system=None):
     ("bom.jsonl", b"\xef\xbb\xbf" + json.dumps(_chat()).encode() + b"\n\xff\n",
      r"bom.jsonl line 2: not UTF-8 text \(invalid start byte at byte %d\)" % (3 + len(json.dumps(_chat())) + 1)),
     ("one.json", json.dumps(_chat(), indent=2).encode(), r"one.json: one JSON object; expected a list of rows"),
+    ("broken.json", json.dumps(_chat(), indent=2).replace('"assistant"', '"assistant",').encode(),
+     r"broken.json line 8: not valid JSON \(Expecting property name enclosed in double quotes\)"),
     ("rows.json", json.dumps([_chat(), [1, 2]]).encode(), r"rows.json row 1: expected a JSON object, got list"),
     ("rows.jsonl", (json.dumps(_chat()) + "\n\n7\n").encode(), r"rows.jsonl line 3: expected a JSON object, got int"),
     ("missing.jsonl", None, r"data file not found: .*missing.jsonl"),
