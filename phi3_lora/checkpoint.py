@@ -380,16 +380,30 @@ def saved_step(path: Path) -> int:
     return int(found.group(1))
 
 
+def restore_interrupted_replacements(output_dir: str | Path) -> list[Path]:
+    """Put back what a crash between the two renames of ``commit_directory`` left only as ``.NAME.old``: the
+    checkpoint (a final save at the step of the checkpoint a run resumed from replaces it) or the adapter being
+    replaced, complete as it was before the save began. Returns the entries put back."""
+    root = checkpoints_root(output_dir)
+    olds = [*(sorted(root.glob(".*.old")) if root.is_dir() else []), Path(output_dir) / ".adapter.old"]
+    restored = []
+    for old in olds:
+        target = old.parent / old.name[1:-len(".old")]
+        if old.is_dir() and not (target.exists() or target.is_symlink()):
+            old.rename(target)
+            _fsync(target.parent)
+            restored.append(target)
+    return restored
+
+
 def remove_stale_temporaries(output_dir: str | Path) -> None:
     """Delete what a crash left half-written, as far as it can: hidden entries under checkpoints/, and the adapter's
-    (``.adapter.tmp``, ``.adapter.old``) in ``output_dir``. A crash between the two renames that replace an
-    adapter (``commit_directory``) leaves the previous one only as ``.adapter.old``: it is put back."""
+    (``.adapter.tmp``, ``.adapter.old``) in ``output_dir``, after putting back an entry that a crash while
+    replacing it left only as ``.NAME.old`` (``restore_interrupted_replacements``)."""
+    restore_interrupted_replacements(output_dir)
     root = checkpoints_root(output_dir)
     stale = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
-    adapter, old = Path(output_dir) / "adapter", Path(output_dir) / ".adapter.old"
-    if old.is_dir() and not adapter.exists():
-        old.rename(adapter)
-    for p in [*stale, Path(output_dir) / ".adapter.tmp", old]:
+    for p in [*stale, Path(output_dir) / ".adapter.tmp", Path(output_dir) / ".adapter.old"]:
         remove_path(p, best_effort=True)
 
 

@@ -207,6 +207,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
         self.train_data, self.eval_data = data_lib.build_datasets(cfg.data, self.tokenizer, t.seed)
+        if acc.is_main_process:  # before looking for the checkpoint to resume: it may be the one put back
+            for entry in ckpt.restore_interrupted_replacements(cfg.output_dir):
+                acc.print(f"note: put back {entry}, which a crash while replacing it had left as .{entry.name}.old")
+        acc.wait_for_everyone()
         self.resume_dir = find_resume_checkpoint(cfg)
         self.loss_chunk_size = loss_chunk_size(cfg, acc)
 

@@ -601,6 +601,43 @@ def test_a_checkpoint_copied_under_another_name_resumes(checkpointed_run):
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-3:] == [8, 9, 10]
 
 
+def test_a_crash_while_a_checkpoint_is_replaced_leaves_it_to_resume_from(checkpointed_run, monkeypatch, capsys):
+    """A final save at the step of the checkpoint a run resumed from replaces that checkpoint: commit_directory
+    renames it to .step-N.old, then the new one into place. A crash between the two renames left no step-N, so the
+    next resume started afresh and then deleted both hidden copies; now the complete old one is put back."""
+    import shutil
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    out, step8 = checkpointed_run
+    before = {p.relative_to(step8): p.read_bytes() for p in step8.rglob("*") if p.is_file()}
+    new = step8.parent / ".step-000008.tmp"
+    shutil.copytree(step8, new)
+    (new / ckpt.MARKER).unlink()  # commit_directory writes the marker anew
+    real_rename = Path.rename
+
+    def dies_before_the_second_rename(self, target):
+        if self == new:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.commit_directory(new, step8, manifest=True, extra={"step": 8})
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not step8.exists() and ckpt.complete_checkpoints(out) == []
+    assert sorted(p.name for p in step8.parent.iterdir()) == [".step-000008.old", ".step-000008.tmp"]
+
+    cfg = load_config(None, [f"output_dir={out}", *RUN, "training.save_steps=8", "training.resume_from=auto",
+                             "training.max_steps=10"])
+    assert in_process_trainer(cfg).train()["steps"] == 10
+    printed = capsys.readouterr().out
+    assert f"note: put back {step8}, which a crash while replacing it had left as .step-000008.old" in printed
+    assert f"resumed from {step8} at step 8" in printed
+    assert [m["step"] for m in read_metrics(out) if "loss" in m][-3:] == [8, 9, 10]
+    assert {p.relative_to(step8): p.read_bytes() for p in step8.rglob("*") if p.is_file()} == before
+    assert [p.name for p in ckpt.checkpoints_root(out).iterdir() if p.name.startswith(".")] == []
+
+
 def test_paths_that_cannot_be_written_are_refused_before_the_work(tmp_path):
     """check_can_create, which output_dir, evaluate's --out_dir, merge's --out and the scripts' --json/--jsonl go
     through before any work: an existing file or directory of the wrong kind, a path under a file."""
