@@ -287,11 +287,12 @@ def commit_directory(tmp: Path, target: Path, manifest: bool = False, extra: dic
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path):
+def atomic_directory(target: str | Path, manifest: bool = False):
     """Yield a temporary directory beside ``target``; on success fsync it and rename it to ``target``.
 
     An existing ``target`` is replaced only after the new one is complete. On an error the
-    temporary directory is removed and ``target`` is left as it was.
+    temporary directory is removed and ``target`` is left as it was. ``manifest``: with the marker listing
+    every file's checksum, as a checkpoint's.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +301,7 @@ def atomic_directory(target: str | Path):
     tmp.mkdir()
     try:
         yield tmp
-        commit_directory(tmp, target)
+        commit_directory(tmp, target, manifest=manifest)
     except BaseException:
         remove_path(tmp, best_effort=True)  # the error that stopped the save is the one to report
         raise
@@ -416,6 +417,13 @@ def verify_checkpoint(path: Path) -> dict:
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER})")
+    info = read_marker(marker)
+    for name, digest in info["files"].items():
+        check_file(path / name, digest)
+    return info
+
+
+def read_marker(marker: Path) -> dict:
     try:
         info = json.loads(marker.read_text())
         files = info["files"]
@@ -423,13 +431,32 @@ def verify_checkpoint(path: Path) -> dict:
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{marker}: damaged marker file") from None
-    for name, digest in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing from the checkpoint")
-        if _sha256(file) != digest:
-            raise CheckpointError(f"{file}: does not match its checksum (corrupted or replaced)")
     return info
+
+
+def check_file(file: Path, digest: str, where: str = "the checkpoint") -> None:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing from {where}")
+    if _sha256(file) != digest:
+        raise CheckpointError(f"{file}: does not match its checksum (corrupted or replaced)")
+
+
+def verify_adapter_weights(adapter: Path) -> None:
+    """Check an adapter's tensors files against the checksums recorded when it was saved: in its own marker (a
+    run's final ``adapter/``), else in its checkpoint's (``checkpoints/step-N/adapter``). Without either (an
+    adapter another tool saved, or this one before 2026-12-07) nothing is checked here. Its other files (users
+    edit ``adapter_config.json``) are checked as they are read. Delete the adapter's marker to load weights
+    changed on purpose."""
+    adapter, checkpoint = Path(adapter), Path(adapter).resolve().parent
+    if (adapter / MARKER).is_file():
+        marker, prefix = adapter / MARKER, ""
+    elif STEP_DIR.match(checkpoint.name) and (checkpoint / MARKER).is_file():
+        marker, prefix = checkpoint / MARKER, f"{adapter.resolve().name}/"
+    else:
+        return
+    for name, digest in read_marker(marker)["files"].items():
+        if name.startswith(prefix) and name.endswith(".safetensors"):
+            check_file(marker.parent / name, digest, where=f"the adapter (its {marker.name} lists it)")
 
 
 def rotate(output_dir: str | Path, keep: int, protected: set[Path]) -> list[Path]:

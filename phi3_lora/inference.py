@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .checkpoint import CheckpointError, load_adapter_state, read_safetensors
+from .checkpoint import CheckpointError, load_adapter_state, read_safetensors, verify_adapter_weights
 from .config import Config, ConfigError, load_config
 from .lora import RUN_CONFIG
 from .loss import supervised_tokens, token_loss_sum
@@ -127,11 +127,13 @@ def load_for_inference(cfg: Config, tokenizer, adapter: str | Path | None = None
     machine's GPU.
 
     The adapter goes through the training loop's checked loader, not ``PeftModel.from_pretrained`` (which
-    loads with ``strict=False`` unchecked): a damaged file, or an adapter of another model or rank, is a
-    one-line CheckpointError naming the file.
+    loads with ``strict=False`` unchecked): a damaged file (its weights checked against the checksums saved with
+    them, where there are some), or an adapter of another model or rank, is a one-line CheckpointError naming
+    the file.
     """
     if adapter is not None:
         path = check_adapter_dir(adapter)
+        verify_adapter_weights(path)  # flipped bytes inside a tensor are still a valid safetensors file
         weights = path / "adapter_model.safetensors"
         state = read_safetensors(weights)  # before loading the base: a damaged file fails at once
     model = load_model(cfg.model, tokenizer, seed=cfg.training.seed, device=device, dtype=dtype)

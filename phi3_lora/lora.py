@@ -175,11 +175,11 @@ RUN_CONFIG = "run_config.yaml"  # in each adapter directory: the settings that r
 
 def save_adapter(model, state_dict: dict[str, torch.Tensor], target, run_config: str | None = None) -> None:
     """Write the adapter of the unwrapped ``model`` (state gathered by ``checkpoint.adapter_state_dict``)
-    to ``target`` atomically: PEFT format, plus the loralib state for a loralib model, and the run's
-    config (YAML text) as ``run_config.yaml`` when given."""
+    to ``target`` atomically: PEFT format, plus the loralib state for a loralib model, the run's
+    config (YAML text) as ``run_config.yaml`` when given, and the marker with every file's checksum."""
     from .checkpoint import atomic_directory
 
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, manifest=True) as tmp:
         write_adapter(model, state_dict, tmp, run_config)
 
 

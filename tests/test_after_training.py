@@ -47,7 +47,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     train(out, "training.max_steps=200", "training.learning_rate=2e-3", "training.warmup_steps=20",
           "training.per_device_batch_size=8", "data.demo_size=400", "training.logging_steps=50",
-          "model.tiny_hidden_size=128", env=ONE_THREAD)
+          "model.tiny_hidden_size=128", "training.save_steps=200", env=ONE_THREAD)
     prompts = out / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     return out
@@ -100,6 +100,8 @@ def test_evaluate_loss_and_generations(run):
 
 
 @pytest.mark.parametrize("damage, message", [
+    ("bytes flipped", r"adapter_model.safetensors: does not match its checksum \(corrupted or replaced\)"),
+    ("a checkpoint's, bytes flipped", r"adapter_model.safetensors: does not match its checksum"),
     ("truncated", r"adapter_model.safetensors: not a valid safetensors file"),
     ("another model",
      r"adapter_model.safetensors: .*lora_A.default.weight has shape \(16, 256\), the model expects \(16, 128\)"),
@@ -108,15 +110,30 @@ def test_evaluate_loss_and_generations(run):
     ("config rank not a number", r"adapter_config.json: "),
 ])
 def test_a_damaged_or_foreign_adapter_is_one_line(run, tmp_path, damage, message):
-    """evaluate.py (as chat.py and merge_adapter.py) loads the adapter with the checked loader."""
+    """evaluate.py (as chat.py and merge_adapter.py) loads the adapter with the checked loader, after checking its
+    weights against the checksums saved with them (in its own marker, or in its checkpoint's): bytes flipped inside
+    a tensor leave a valid safetensors file. Without a marker (an adapter another tool wrote), the loader's own
+    checks still name the file."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-    adapter = tmp_path / "adapter"
-    shutil.copytree(run / "adapter", adapter)
+
+    from phi3_lora.checkpoint import MARKER
+    if damage.startswith("a checkpoint's"):
+        shutil.copytree(run / "checkpoints" / "step-000200", tmp_path / "step-000200")
+        adapter = tmp_path / "step-000200" / "adapter"
+    else:
+        adapter = tmp_path / "adapter"
+        shutil.copytree(run / "adapter", adapter)
     weights = adapter / "adapter_model.safetensors"
+    if damage in ("truncated", "keys missing"):
+        (adapter / MARKER).unlink()
     overrides = []
-    if damage == "truncated":
+    if damage.endswith("bytes flipped"):
+        data = bytearray(weights.read_bytes())
+        data[-100:] = bytes(b ^ 0xFF for b in data[-100:])  # the last tensor's values; the header stays valid
+        weights.write_bytes(bytes(data))
+    elif damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "another model":
         overrides = ["model.tiny_hidden_size=64"]
