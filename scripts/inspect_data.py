@@ -51,6 +51,7 @@ def main(argv=None):
         print(marked_text(tokenizer, row["input_ids"], row["labels"]))
     print(f"--- {len(train)} training examples ({train.truncated} truncated, {train.dropped} dropped)")
     if args.jsonl:
+        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)  # check_can_create allowed new folders
         with open(args.jsonl, "w") as f:
             for row in rows:
                 f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")

@@ -49,7 +49,7 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="directory for the merged model (must not exist, or --overwrite)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="dtype of the merged weights (the merge is done in this dtype)")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard: 2GB, 500MB, 1.5GiB, or bytes")
     parser.add_argument("--max_logit_diff", type=float, help="fail if merged and base+adapter logits differ more")
     parser.add_argument("--device", default="auto",
                         help="where to merge: cpu, cuda, cuda:N, or auto (the first GPU when the model fits in its "
@@ -57,8 +57,23 @@ def parse_args(argv):
     parser.add_argument("--qlora_base", default="dequantized", choices=("dequantized", "original"),
                         help="for a QLoRA adapter: merge into the 4/8-bit base it was trained on, dequantized "
                              "(the model as trained), or into the original unquantized weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out directory that holds a model (its config.json), never one "
+                             "holding the adapter")
     return parser.parse_args(argv)
+
+
+UNITS = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+         "TIB": 2**40}
+
+
+def size_in_bytes(text: str) -> int:
+    """``--max_shard_size`` in bytes: a number with an optional unit (5GB, 500MB, 1.5GiB, 1000000)."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B)?", text.strip(), flags=re.IGNORECASE)
+    size = int(float(found.group(1)) * UNITS[(found.group(2) or "").upper()]) if found else 0
+    if size < 1:
+        raise ConfigError(f"--max_shard_size: expected a size such as 5GB, 500MB or 1.5GiB, got {text!r}")
+    return size
 
 
 def check_device(choice: str) -> None:
@@ -101,8 +116,14 @@ def main(argv=None):
     check_can_create(out, "--out", replaced=True)  # written beside it, then renamed into place
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B|\d+", args.max_shard_size.strip(), flags=re.IGNORECASE):
-        raise ConfigError(f"--max_shard_size: expected a size such as 5GB or 500MB, got {args.max_shard_size!r}")
+    adapter = Path(args.adapter).resolve()
+    if out.resolve() == adapter or out.resolve() in adapter.parents or adapter in out.resolve().parents:
+        raise ConfigError(f"--out {out}: overlaps the adapter being merged (--adapter {args.adapter}), which replacing "
+                          "it would delete; choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ConfigError(f"--out {out}: holds files but no config.json, so it is not a model directory; --overwrite "
+                          "replaces only those (a run's output_dir holds its checkpoints)")
+    shard_bytes = size_in_bytes(args.max_shard_size)
     check_device(args.device)
     cfg = run_config(args.config, [*args.overrides, f"model.dtype={args.dtype}"], adapter=args.adapter,
                      model=args.model)
@@ -148,7 +169,7 @@ def main(argv=None):
     merged.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids,
                                                 pad_token_id=tokenizer.pad_token_id)
     with atomic_directory(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_bytes)
         tokenizer.save_pretrained(tmp)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"merged model: {out} ({len(shards)} safetensors shard(s), {args.dtype}), stops on ids {stop_ids}\n"

@@ -170,18 +170,40 @@ def test_the_base_alone_is_evaluated_with_the_chunked_loss(run, tmp_path):
     (EVALUATE, ["--out_dir", "FILE", "--prompts", "PROMPTS"], "FILE: exists and is not a directory"),
     (MERGE, ["--out", "FILE"], "is not a directory"),
     (MERGE, ["--out", "NEW", "--max_shard_size", "abc"], "--max_shard_size: expected a size such as 5GB"),
+    (MERGE, ["--out", "NEW", "--max_shard_size", "0"], "--max_shard_size: expected a size such as 5GB, 500MB or "
+                                                       "1.5GiB, got '0'"),
+    (MERGE, ["--out", "RUN", "--overwrite"], "overlaps the adapter being merged"),
+    (MERGE, ["--out", "ADAPTER", "--overwrite"], "overlaps the adapter being merged"),
+    (MERGE, ["--out", "TMP", "--overwrite"], "holds files but no config.json, so it is not a model directory"),
     (MERGE, ["--out", "NEW", "--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (CHAT, ["--max_new_tokens", "0"], "--max_new_tokens: must be at least 1, got 0"),
 ])
 def test_bad_options_are_one_line_before_anything_loads(run, tmp_path, script, arguments, message):
     (tmp_path / "FILE").write_text("not a directory")
-    arguments = [{"PROMPTS": str(run / "prompts.jsonl"), "FILE": str(tmp_path / "FILE"),
-                  "NEW": str(tmp_path / "new")}.get(a, a) for a in arguments]
+    arguments = [{"PROMPTS": str(run / "prompts.jsonl"), "FILE": str(tmp_path / "FILE"), "NEW": str(tmp_path / "new"),
+                  "RUN": str(run), "ADAPTER": str(run / "adapter"), "TMP": str(tmp_path)}.get(a, a) for a in arguments]
     proc = run_script([sys.executable, script, "--config", str(run / "config.yaml"), "--adapter", str(run / "adapter"),
                        *arguments], env=ONE_THREAD, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
     assert (tmp_path / "FILE").read_text() == "not a directory" and not (tmp_path / "new").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "summary.json").is_file()
+
+
+def test_shard_sizes_are_read_as_bytes():
+    """merge_adapter.py hands save_pretrained a byte count: huggingface_hub's own parser takes neither a plain
+    number nor a fraction."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("merge_adapter", MERGE)
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    sizes = {"5GB": 5 * 10**9, "500mb": 500 * 10**6, "1.5GiB": 3 * 2**29, " 200 KB ": 200_000, "1000000": 10**6,
+             "2TiB": 2**41}
+    assert {text: merge.size_in_bytes(text) for text in sizes} == sizes
+    for bad in ("0", "abc", "5 GBs", "-1GB", "0.0001KB", ""):
+        message = f"^--max_shard_size: expected a size .*, got {re.escape(repr(bad))}$"
+        with pytest.raises(merge.ConfigError, match=message):
+            merge.size_in_bytes(bad)
 
 
 def test_compare_base_is_refused_for_an_adapter_on_a_residual_whatever_the_config_says(run, tmp_path):
@@ -368,7 +390,7 @@ def test_merge_matches_base_plus_adapter_and_loads_alone(run, loaded, tmp_path):
     cfg, tokenizer, model = loaded
     out = tmp_path / "merged"
     proc = run_script([sys.executable, MERGE, "--adapter", str(run / "adapter"), "--out", str(out),
-                       "--dtype", "float32", "--max_shard_size", "200KB", "--max_logit_diff", "1e-4",
+                       "--dtype", "float32", "--max_shard_size", "200000", "--max_logit_diff", "1e-4",
                        "--device", "cpu"], env=ONE_THREAD)
     printed = float(re.search(r"largest \|logit\| difference.*: (\S+) \(float32\)", proc.stdout).group(1))
     assert printed < 1e-4

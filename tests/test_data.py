@@ -444,7 +444,7 @@ def test_inspect_data_marks_spans_and_writes_jsonl(tmp_path):
     import sys
 
     from conftest import ROOT, run_script
-    out = tmp_path / "examples.jsonl"
+    out = tmp_path / "new" / "folder" / "examples.jsonl"  # folders made as for any output
     proc = run_script([sys.executable, str(ROOT / "scripts" / "inspect_data.py"), "--num_examples", "3",
                        "--jsonl", str(out), "data.demo_size=50"])
     assert proc.stdout.count("--- example") == 3
