@@ -258,11 +258,40 @@ def _field_type(key: str):
     return typing.get_type_hints(owner)[name]
 
 
+# The names of the Phi-3 cookbook's sample_finetune.py (its training_config is transformers' TrainingArguments, its
+# peft_config peft's LoraConfig), and other common ones, for the keys that hold the same setting here.
+OTHER_NAMES = {
+    "training_config": "training", "peft_config": "lora", "lora_config": "lora", "model_config": "model",
+    "lr": "training.learning_rate", "lr_scheduler_type": "training.lr_scheduler",
+    "bf16": "training.mixed_precision", "fp16": "training.mixed_precision",
+    "num_train_epochs": "training.num_epochs", "epochs": "training.num_epochs",
+    "per_device_train_batch_size": "training.per_device_batch_size", "batch_size": "training.per_device_batch_size",
+    "warmup": "training.warmup_steps", "grad_clip": "training.max_grad_norm", "optim": "training.optimizer",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "rank": "lora.r", "lora_r": "lora.r",
+    "max_seq_length": "data.max_seq_len", "max_length": "data.max_seq_len", "dataset": "data.path",
+    "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path", "torch_dtype": "model.dtype",
+    "attn_implementation": "model.attn_implementation",
+}
+
+
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
-    if not close:  # a bare name like "r" or "learning_rate": match on the last part
-        tails = {k.rpartition(".")[2]: k for k in all_keys()}
-        close = [tails[t] for t in difflib.get_close_matches(key.rpartition(".")[2], list(tails), n=1, cutoff=0.6)]
+    """`` (did you mean 'KEY'?)`` for an unknown key: the key that holds another tool's name for the setting
+    (``OTHER_NAMES``), the section a section's misspelling names, the same name in another section
+    (``training.output_dir``), else the closest key by spelling; or nothing."""
+    keys, sections = list(all_keys()), list(_sections())
+    last = key.rpartition(".")[2]
+    if last.lower() in OTHER_NAMES:
+        close = [OTHER_NAMES[last.lower()]]
+    elif "." not in key and (near := difflib.get_close_matches(key.lower(), sections, n=1, cutoff=0.6)):
+        close = near  # a section ("trainig:", "Training:") with keys of its own
+    else:
+        close = [k for k in keys if k.rpartition(".")[2] == last] or \
+            difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a bare name like "r" or "learning_rat": match on the last part
+        tails = {k.rpartition(".")[2]: k for k in keys}
+        close = [tails[t] for t in difflib.get_close_matches(last, list(tails), n=1, cutoff=0.6)]
+    if close and close[0] in sections:
+        return f" (did you mean the section '{close[0]}'?)"
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

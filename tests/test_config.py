@@ -186,6 +186,28 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         load_config(recipe)
 
 
+@pytest.mark.parametrize("recipe, suggestion", [
+    ("peft_config:\n  r: 8\n", "unknown key 'peft_config' (REC) (did you mean the section 'lora'?)"),  # the cookbook's
+    ("training_config:\n  num_train_epochs: 1\n", "unknown key 'training_config' (REC) (did you mean the section "
+                                                  "'training'?)"),
+    ("Trainig:\n  max_steps: 3\n", "unknown key 'Trainig' (REC) (did you mean the section 'training'?)"),
+    ("training:\n  num_train_epochs: 1\n", "unknown key 'training.num_train_epochs' (REC) (did you mean "
+                                           "'training.num_epochs'?)"),
+    ("training:\n  output_dir: x\n", "unknown key 'training.output_dir' (REC) (did you mean 'output_dir'?)"),
+    ("training:\n  bf16: true\n", "unknown key 'training.bf16' (REC) (did you mean 'training.mixed_precision'?)"),
+    ("lora:\n  lora_alpha: 32\n", "unknown key 'lora.lora_alpha' (REC) (did you mean 'lora.alpha'?)"),
+    ("training:\n  max_seq_len: 512\n", "unknown key 'training.max_seq_len' (REC) (did you mean 'data.max_seq_len'?)"),
+])
+def test_other_tools_names_and_misplaced_keys_point_at_ours(tmp_path, recipe, suggestion):
+    """A recipe ported from the cookbook's training_config and peft_config (TrainingArguments' and LoraConfig's
+    names), a misspelt section, or a key in the wrong section: the error names the key that holds the setting."""
+    path = tmp_path / "rec.yaml"
+    path.write_text(recipe)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == suggestion.replace("REC", str(path))
+
+
 def test_help_lists_every_key_with_default():
     text = help_text()
     for key, f in all_keys().items():
