@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import logging
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -76,7 +77,8 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.tokenizer: cannot load '{source}': {str(err).splitlines()[0]}") from None
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"  # the one the user set
+        raise ConfigError(f"{key}: cannot load '{source}'{not_here(source)}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -133,7 +135,13 @@ def _from_pretrained(source: str, revision, dtype, attention: str, trust_remote_
             trust_remote_code=trust_remote_code, quantization_config=quantization,
             device_map=None if device is None else {"": device})
     except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a damaged weights file
-        raise ConfigError(f"model.name_or_path: cannot load '{source}': {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"model.name_or_path: cannot load '{source}'{not_here(source)}: "
+                          f"{str(err).splitlines()[0]}") from None
+
+
+def not_here(source: str) -> str:
+    """Said of a model that fails to load and is no local path: the hub's error alone reads as a network fault."""
+    return "" if Path(source).expanduser().exists() else " (no such directory here, so it was looked up on the hub)"
 
 
 def enable_gradient_checkpointing(model) -> None:

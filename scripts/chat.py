@@ -6,7 +6,7 @@
     python scripts/chat.py --model merged/phi3-mini-tuned                               # a merged model, no adapter
 
 Type a message and press Enter. /reset forgets the conversation (the system prompt stays),
-/exit (or end of input, Ctrl-D) quits. Answers stream token by token and stop on <|end|>,
+/exit (or end of input, Ctrl-D, or Ctrl-C at the prompt) quits; Ctrl-C while an answer streams stops it. Answers stream token by token and stop on <|end|>,
 <|endoftext|> or <|assistant|> (ids from the tokenizer). Greedy unless --do_sample. A conversation
 longer than the model's context (less --max_new_tokens) leaves out its oldest exchanges, and says so.
 The base of a run of the tiny demo model is rebuilt from the run's config saved with the adapter (or
@@ -74,7 +74,7 @@ def main(argv=None):
     while True:
         try:
             text = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the end of the chat
             print()
             break
         if text == "/exit":
@@ -101,8 +101,13 @@ def main(argv=None):
             print(f"(the oldest {dropped} exchange{'s' if dropped > 1 else ''} left out: the conversation is over "
                   f"the {limit} tokens the model's context of {context_length(model)} leaves beside the answer)",
                   flush=True)
-        print("assistant> ", end="", flush=True)
-        answer = generate_answers(model, tokenizer, [history], settings, streamer=streamer)[0]
+        try:
+            print("assistant> ", end="", flush=True)
+            answer = generate_answers(model, tokenizer, [history], settings, streamer=streamer)[0]
+        except KeyboardInterrupt:  # Ctrl-C while it answers: that answer stops, the chat goes on
+            history.pop()  # the unanswered message too: a conversation alternates user and assistant turns
+            print("\n(stopped: this exchange is left out of the conversation)", flush=True)
+            continue
         if not answer.stopped:
             print(f"[cut at --max_new_tokens {args.max_new_tokens}]", flush=True)
         history.append({"role": "assistant", "content": answer.text})

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -432,6 +433,46 @@ def test_chat_two_turns_reset_and_exit(run, loaded):
         history.append({"role": "assistant", "content": answer.text})
         expected.append(answer.text)
     assert answers == expected  # streamed text = the answer, and turn 2 saw turn 1
+
+
+def test_ctrl_c_stops_an_answer_and_at_the_prompt_ends_the_chat(run):
+    """SIGINT (Ctrl-C) while an answer streams stops that answer and leaves the exchange out; at the prompt it ends
+    the chat as end of input does: "bye", exit status 0, no traceback. The base alone (no adapter) runs on for
+    the thousand tokens asked, so the signal lands inside the generation."""
+    import select
+    import signal
+
+    proc = subprocess.Popen([sys.executable, CHAT, "--config", str(run / "config.yaml"), "--max_new_tokens", "1000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                                 **ONE_THREAD})
+
+    def read_until(marker: bytes, timeout: float = 180) -> str:
+        seen, deadline = b"", time.monotonic() + timeout
+        while marker not in seen:
+            ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))
+            chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                proc.kill()
+                raise AssertionError(f"no {marker!r} in {seen[-2000:]!r}: {proc.stderr.read()[-3000:]!r}")
+            seen += chunk
+        return seen.decode(errors="replace")
+
+    try:
+        read_until(b"you> ")
+        proc.stdin.write(b"Hello, I am Alan.\n")
+        proc.stdin.flush()
+        read_until(b"assistant> ")
+        proc.send_signal(signal.SIGINT)
+        after = read_until(b"you> ")
+        assert "(stopped: this exchange is left out of the conversation)" in after
+        assert "[cut at --max_new_tokens" not in after  # it had not finished
+        proc.send_signal(signal.SIGINT)
+        rest, errors = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and rest.decode().rstrip().endswith("bye"), errors[-3000:]
+    assert b"Traceback" not in errors and b"KeyboardInterrupt" not in errors
 
 
 def test_answers_stay_within_the_context(loaded):

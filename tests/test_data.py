@@ -515,3 +515,17 @@ def test_a_damaged_base_model_file_is_one_line(tmp_path):
     cfg = load_config(None, [f"model.name_or_path={tmp_path}"])
     with pytest.raises(ConfigError, match=rf"^model.name_or_path: cannot load '{tmp_path}': "):
         load_model(cfg.model, tokenizer, seed=0)
+
+
+def test_a_model_that_is_no_directory_here_is_named_by_the_key_the_user_set(tmp_path):
+    """Offline, a missing local model reaches the hub and fails there: the error says it is not here, and names
+    model.name_or_path (what was set), not model.tokenizer (which defaults to it)."""
+    from phi3_lora.config import ConfigError
+    from phi3_lora.model import load_tokenizer
+    missing = tmp_path / "merged" / "phi3"
+    for overrides, key in (([f"model.name_or_path={missing}"], "model.name_or_path"),
+                           ([f"model.tokenizer={missing}"], "model.tokenizer")):
+        cfg = load_config(None, overrides)
+        with pytest.raises(ConfigError, match=rf"^{key}: cannot load '{missing}' \(no such directory here, so it "
+                                              r"was looked up on the hub\): "):
+            load_tokenizer(cfg.model)
