@@ -22,10 +22,17 @@ if [ -n "${GPUS_PER_NODE:-}" ]; then
   launch+=(--gpus_per_node "$GPUS_PER_NODE")
 fi
 
+# srun takes no --cpus-per-task from sbatch since Slurm 22.05 ("must be requested again", man srun): given here,
+# the task, and the G training processes it starts, get the node's cores under CPU binding, not one core.
+cpus=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  cpus=(--cpus-per-task="${SLURM_CPUS_PER_TASK}")
+fi
+
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST} at $(date -Is)"
 # One task per node; each runs accelerate launch for its GPUs. Exit statuses: srun gives the highest.
-srun --ntasks-per-node=1 --ntasks="${SLURM_NNODES}" --label "${PYTHON:-python3}" "${launch[@]}" \
-  "${TRAIN_SCRIPT:-scripts/train.py}" ${resume[@]+"${resume[@]}"} "$@"
+srun --ntasks-per-node=1 --ntasks="${SLURM_NNODES}" ${cpus[@]+"${cpus[@]}"} --label "${PYTHON:-python3}" \
+  "${launch[@]}" "${TRAIN_SCRIPT:-scripts/train.py}" ${resume[@]+"${resume[@]}"} "$@"
 status=$?
 if [ "$status" -eq "$EX_PREEMPTED" ]; then
   echo "job ${SLURM_JOB_ID}: preempted (status 75), requeueing at $(date -Is); it resumes from its newest checkpoint"
