@@ -2,7 +2,8 @@
 
 Every run here is a real ``accelerate launch`` with 2 processes on the CPU (gloo). Same seed, same
 data, same global batch of 4 examples: one process runs 2 micro-batches of 2, the others one micro-
-batch of 2 per process. The data (45 examples, two epochs) does not divide into steps of 4.
+batch of 2 per process (or 2 of 1: ZeRO-2 and ZeRO-3 with offload accumulate). The data (45 examples, two
+epochs) does not divide into steps of 4.
 """
 
 import json
@@ -125,10 +126,14 @@ def test_ddp_with_compiled_layers_matches_single(single, tmp_path):
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_matches_single(single, tiny_model_dir, tmp_path, stage):
     """ZeRO-3 also with gradient checkpointing, as its recipe runs: recomputing a layer gathers its partitioned
-    weights again (trl forces reentrant checkpointing for peft under ZeRO-3; the non-reentrant kind is right here)."""
+    weights again (trl forces reentrant checkpointing for peft under ZeRO-3; the non-reentrant kind is right here).
+    ZeRO-2 and ZeRO-3 with offload also accumulate gradients, 2 processes x 2 micro-batches of 1 for the same global
+    batch of 4: DeepSpeed counts the accumulation itself, beside accelerate's own counter."""
     launcher = accelerate_launch(2, "--config_file", str(ROOT / "accelerate_configs" / f"deepspeed_{stage}.yaml"))
+    accumulation = ["training.per_device_batch_size=1", "training.gradient_accumulation_steps=2"]
     proc = record_run(tmp_path, launcher, f"model.name_or_path={tiny_model_dir}", "model.tokenizer=tiny-random-phi3",
-                      "training.loss_chunk_size=64", f"training.gradient_checkpointing={str(stage == 'zero3').lower()}")
+                      "training.loss_chunk_size=64", f"training.gradient_checkpointing={str(stage == 'zero3').lower()}",
+                      *(accumulation if stage != "zero3" else []))
     assert_same_run(single, tmp_path)
     assert_each_example_once_per_epoch(tmp_path, 2)
     assert assert_one_writer(tmp_path, 2)["distributed_type"] == "DEEPSPEED"
