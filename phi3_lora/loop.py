@@ -242,6 +242,10 @@ class Trainer:
             if self.progress.step > self.total_steps:
                 raise ConfigError(f"cannot resume {self.resume_dir}: it is at step {self.progress.step}, past this "
                                   f"run's {self.total_steps} steps (training.max_steps / training.num_epochs)")
+        # the step of the newest checkpoint of this run, known alike on every process (never read from a listing of
+        # checkpoints/, which another node's network file system may show late: they would disagree on saving)
+        here = self.resume_dir and self.resume_dir == ckpt.step_directory(self.out, self.progress.step).resolve()
+        self.saved_step = self.progress.step if here else None  # a checkpoint resumed from elsewhere is not here
         self._stop_if_signalled_before_training()
         self._attempt = (time.perf_counter(), self.progress.train_seconds)  # train() restarts this clock
         self._open_outputs()
@@ -404,8 +408,7 @@ class Trainer:
         return bool(received)
 
     def _stop_for_preemption(self, number: int) -> None:
-        last = ckpt.complete_checkpoints(self.out)
-        if not last or last[-1].name != ckpt.step_directory(self.out, self.progress.step).name:
+        if self.saved_step != self.progress.step:  # not saved at this step already (save_steps divides it)
             self.save_checkpoint()
         self._end_training()
         raise ckpt.Preempted(f"stopped by {signal.Signals(number).name} after step {self.progress.step}: "
@@ -572,6 +575,7 @@ class Trainer:
             protected = {self.resume_dir} if self.resume_dir else set()
             ckpt.rotate(self.out, self.cfg.training.save_total_limit, protected)
         acc.wait_for_everyone()
+        self.saved_step = p.step
         return target
 
     @functools.cached_property

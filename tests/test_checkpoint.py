@@ -587,6 +587,32 @@ def test_a_preemption_signal_in_the_final_evaluation_checkpoints_and_resuming_fi
     assert resumed["final_eval_loss"] == reference["final_eval_loss"]
 
 
+def test_a_preemption_signal_at_a_step_just_saved_does_not_save_it_again(tmp_path, monkeypatch):
+    """A signal during a periodic save stops the run after it, without a second save of the same step, even where
+    a listing of checkpoints/ lags (as another node's view of a network file system may): every process knows the
+    step it saved last, so none enters the collective save that the others skip."""
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    from phi3_lora.loop import PreemptionFlag
+    cfg = load_config(None, [f"output_dir={tmp_path}", *RUN, "training.save_steps=2"])
+    with PreemptionFlag(["SIGUSR1"]) as flag:
+        trainer = in_process_trainer(cfg, flag)
+        saves, save = [], trainer.save_checkpoint
+
+        def save_and_get_signalled():
+            saves.append(trainer.progress.step)
+            target = save()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return target
+
+        trainer.save_checkpoint = save_and_get_signalled
+        monkeypatch.setattr(ckpt, "complete_checkpoints", lambda output_dir: [])  # the lagging listing
+        with pytest.raises(ckpt.Preempted, match="stopped by SIGUSR1 after step 2: checkpoint .*step-000002 saved"):
+            trainer.train()
+    monkeypatch.undo()
+    assert saves == [2] and [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000002"]
+
+
 def test_a_checkpoint_copied_under_another_name_resumes(checkpointed_run):
     """resume_from takes any checkpoint directory: its step comes from its verified trainer_state.json."""
     import shutil
