@@ -207,11 +207,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         data_lib.use_chat_template(self.tokenizer, cfg.data.chat_template)
         self.train_data, self.eval_data = data_lib.build_datasets(cfg.data, self.tokenizer, t.seed)
-        if acc.is_main_process:  # before looking for the checkpoint to resume: it may be the one put back
+
+        def put_back_and_find_resume_checkpoint():  # a checkpoint put back may be the one to resume
             for entry in ckpt.restore_interrupted_replacements(cfg.output_dir):
-                acc.print(f"note: put back {entry}, which a crash while replacing it had left as .{entry.name}.old")
-        acc.wait_for_everyone()
-        self.resume_dir = find_resume_checkpoint(cfg)
+                print(f"note: put back {entry}, which a crash while replacing it had left as .{entry.name}.old")
+            return find_resume_checkpoint(cfg)
+
+        self.resume_dir = decided_by_main_process(acc, put_back_and_find_resume_checkpoint)
         self.loss_chunk_size = loss_chunk_size(cfg, acc)
 
         model = self._build_model()
@@ -693,6 +695,24 @@ class Trainer:
             f"  adapter:     {adapter}\n  summary:     {self.out / 'summary.json'}\n"
             f"  metrics:     {self.out / 'metrics.jsonl'}\n  tensorboard: tensorboard --logdir {self.out}")
         return summary
+
+
+def decided_by_main_process(accelerator, decide):
+    """``decide()`` on the main process alone, its result (or the user error it raised) on every process: the
+    processes must agree, and the nodes' views of a shared file system may differ for a while (NFS caches)."""
+    outcome = [(None, None)]
+    if accelerator.is_main_process:
+        try:
+            outcome = [(decide(), None)]
+        except (ConfigError, ckpt.CheckpointError) as err:
+            outcome = [(None, err)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def find_resume_checkpoint(cfg: Config) -> Path | None:

@@ -331,3 +331,19 @@ def test_two_machines_on_one_host_match_single(single, tmp_path):
     assert_same_run(single, tmp_path)
     assert_each_example_once_per_epoch(tmp_path, 2)
     assert_one_writer(tmp_path, 2)
+
+
+def test_the_main_process_picks_the_checkpoint_and_its_error_stops_every_process(tmp_path):
+    """Which checkpoint to resume is decided by the main process and broadcast (the nodes' views of a shared file
+    system may lag); a checkpoint it refuses stops every process with the same one-line error, none hangs. (On one
+    host both processes see the same files: this proves the broadcast of the error, not a lagging view.)"""
+    step = tmp_path / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / "COMPLETE.json").write_text(json.dumps({"step": 4, "files": {"trainer_state.json": "0" * 64}}))
+    proc = run_script(accelerate_launch(2, "--multi_gpu") + [str(ROOT / "scripts" / "train.py"),
+                      f"output_dir={tmp_path}", *COMMON, "training.resume_from=auto"], check=False, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {step / 'trainer_state.json'}: missing from the checkpoint"] * 2, proc.stderr[-3000:]
+    # each process exits 2, as a user error does; the launcher (torchrun) then prints its own traceback, none of ours
+    assert proc.returncode != 0 and "failed (exitcode: 2)" in proc.stderr
+    assert "phi3_lora/" not in proc.stderr and "train.py\", line" not in proc.stderr
