@@ -609,6 +609,12 @@ class Trainer:
             load_optimizer_state(self.optimizer, ckpt.torch_load(path / "optimizer.pt"),  # moved to the params
                                  source=path / "optimizer.pt")
         self.scheduler.load_state_dict(ckpt.torch_load(path / "scheduler.pt"))
+        saved_rate, step = self.scheduler.get_last_lr()[0], self.scheduler.last_epoch
+        rate = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step)  # this run's schedule, same step
+        if not math.isclose(rate, saved_rate, rel_tol=1e-6, abs_tol=1e-12):
+            acc.print(f"note: the learning-rate schedule spans this run's {self.total_steps} steps, not the length "
+                      f"{path.name} was saved with: after step {step} the rate is {rate:.4g}, "
+                      f"where the checkpoint's schedule gives {saved_rate:.4g}")
         if acc.scaler is not None and (path / SCALER_FILE).is_file():  # else the scale starts afresh, at 2**16
             acc.scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
         rng_json = path / "rng" / f"rank-{acc.process_index}.json"

@@ -627,6 +627,24 @@ def test_a_checkpoint_copied_under_another_name_resumes(checkpointed_run):
     assert [m["step"] for m in read_metrics(out) if "loss" in m][-3:] == [8, 9, 10]
 
 
+def test_a_longer_resumed_run_says_its_learning_rate_schedule_changed(tmp_path, capsys):
+    """max_steps may grow on resume: the schedule is rebuilt for the new length, so the rate after the resumed step
+    changes, and the run says from what to what. Within a warmup both lengths give the same rate: no note."""
+    from conftest import in_process_trainer
+    from phi3_lora.config import load_config
+    notes = {}
+    for warmup in (0, 8):
+        settings = [f"output_dir={tmp_path / str(warmup)}", *RUN, "training.lr_scheduler=linear",
+                    "training.save_steps=4", f"training.warmup_steps={warmup}"]
+        in_process_trainer(load_config(None, [*settings, "training.max_steps=4"])).train()
+        capsys.readouterr()
+        in_process_trainer(load_config(None, [*settings, "training.max_steps=8", "training.resume_from=auto"])).train()
+        notes[warmup] = [line for line in capsys.readouterr().out.splitlines() if "learning-rate schedule" in line]
+    assert notes[0] == ["note: the learning-rate schedule spans this run's 8 steps, not the length step-000004 was "
+                        "saved with: after step 4 the rate is 0.001, where the checkpoint's schedule gives 0"]
+    assert notes[8] == []
+
+
 def test_a_crash_while_a_checkpoint_is_replaced_leaves_it_to_resume_from(checkpointed_run, monkeypatch, capsys):
     """A final save at the step of the checkpoint a run resumed from replaces that checkpoint: commit_directory
     renames it to .step-N.old, then the new one into place. A crash between the two renames left no step-N, so the
