@@ -6,7 +6,8 @@
     python scripts/chat.py --model merged/phi3-mini-tuned                               # a merged model, no adapter
 
 Type a message and press Enter. /reset forgets the conversation (the system prompt stays),
-/exit (or end of input, Ctrl-D, or Ctrl-C at the prompt) quits; Ctrl-C while an answer streams stops it. Answers stream token by token and stop on <|end|>,
+/exit (or end of input, Ctrl-D, or Ctrl-C at the prompt) quits; Ctrl-C while an answer streams
+stops it. Answers stream token by token and stop on <|end|>,
 <|endoftext|> or <|assistant|> (ids from the tokenizer). Greedy unless --do_sample. A conversation
 longer than the model's context (less --max_new_tokens) leaves out its oldest exchanges, and says so.
 The base of a run of the tiny demo model is rebuilt from the run's config saved with the adapter (or

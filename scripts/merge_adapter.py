@@ -49,7 +49,8 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="directory for the merged model (must not exist, or --overwrite)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="dtype of the merged weights (the merge is done in this dtype)")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard: 2GB, 500MB, 1.5GiB, or bytes")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="largest safetensors shard: 2GB, 500MB, 1.5GiB, or a number of bytes")
     parser.add_argument("--max_logit_diff", type=float, help="fail if merged and base+adapter logits differ more")
     parser.add_argument("--device", default="auto",
                         help="where to merge: cpu, cuda, cuda:N, or auto (the first GPU when the model fits in its "
