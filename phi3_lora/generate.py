@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError
+from .data import long_context_threshold
 from .formats import DataError, check_conversation, json_lines, read_utf8_text
 
 STOP_TOKENS = ("<|end|>", "<|endoftext|>", "<|assistant|>")
@@ -247,8 +248,7 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], settings: Generation
             todo = [i for i, p in enumerate(prompts) if turn < len(p.turns)]
             for i in todo:
                 histories[i].append({"role": "user", "content": prompts[i].turns[turn]})
-            for start in range(0, len(todo), settings.batch_size):
-                chunk = todo[start:start + settings.batch_size]
+            for chunk in generation_batches(model, tokenizer, todo, histories, settings):
                 batch_answers = generate_answers(model, tokenizer, [histories[i] for i in chunk], settings,
                                                  names=[f"prompt {prompts[i].id} turn {turn + 1}" for i in chunk])
                 for i, answer in zip(chunk, batch_answers):
@@ -256,6 +256,25 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], settings: Generation
                     histories[i].append({"role": "assistant", "content": answer.text})
                 bar.update(len(chunk))
     return answers
+
+
+def generation_batches(model, tokenizer, todo: list[int], histories: list[list[dict]], settings: GenerationSettings):
+    """``todo`` (indices into ``histories``) in batches of ``settings.batch_size`` whose answers are those each
+    prompt gets alone. Under LongRoPE transformers picks the short or long rope factors from the largest position
+    of the whole batch (as in training, see ``data.long_context_kinds``): a batch holds only prompts that stay
+    within the original context with their whole answer, or only prompts already past it; one whose answer may
+    cross it goes alone (its factors change during the answer, as they would alone)."""
+    threshold = long_context_threshold(model.config)
+    groups = [todo]
+    if threshold is not None:
+        within, past, crossing = [], [], []
+        for i in todo:
+            n = prompt_length(tokenizer, histories[i])
+            (within if n + settings.max_new_tokens <= threshold else past if n > threshold else crossing).append(i)
+        groups = [within, past, *([i] for i in crossing)]
+    for group in groups:
+        for start in range(0, len(group), settings.batch_size):
+            yield group[start:start + settings.batch_size]
 
 
 def disabled_adapter(model):

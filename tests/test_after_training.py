@@ -475,6 +475,30 @@ def test_ctrl_c_stops_an_answer_and_at_the_prompt_ends_the_chat(run):
     assert b"Traceback" not in errors and b"KeyboardInterrupt" not in errors
 
 
+def test_a_longrope_model_answers_the_same_in_a_batch_as_alone():
+    """transformers picks LongRoPE's short or long factors from the largest position of the whole batch (the tiny
+    LongRoPE model's original context is 1,024 positions): a short prompt batched with one past that length, or with
+    one whose answer crosses it, would be answered with the long factors. Batches group the prompts that stay
+    within it, those past it, and answer alone those that cross it."""
+    from phi3_lora.config import load_config
+    from phi3_lora.generate import Prompt, answer_prompts
+    cfg = load_config(None, ["model.tiny_rope=longrope"])
+    tokenizer = load_tokenizer_for(cfg)
+    model = load_for_inference(cfg, tokenizer)
+    words = "apple river stone cloud tiger lemon piano orbit maple candle ".split()
+    past = " ".join(words * 22) + " How many words?"  # over 1,024 tokens
+    crossing = " ".join(words * 18)[:980]  # under 1,024 tokens, but not with 64 more
+    for long_text in (past, crossing):
+        prompts = [Prompt("short", [], ["Spell 'river' backwards."], [None]),
+                   Prompt("long", [], [long_text], [None]), Prompt("short2", [], ["Hello, I am Grace."], [None])]
+        lengths = [prompt_length(tokenizer, [{"role": "user", "content": p.turns[0]}]) for p in prompts]
+        assert lengths[1] > 1024 if long_text is past else lengths[1] <= 1024 < lengths[1] + 64
+        batched = answer_prompts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=64, batch_size=3))
+        alone = answer_prompts(model, tokenizer, prompts, GenerationSettings(max_new_tokens=64, batch_size=1))
+        assert [a[0].text for a in batched] == [a[0].text for a in alone]
+        assert sum(a[0].new_tokens for a in alone) > 64  # answers to compare, not only immediate stops
+
+
 def test_answers_stay_within_the_context(loaded):
     """A prompt near the end of the context gets a shorter answer (cut, not stopped), one that fills it is
     a one-line error naming it; trim_history leaves out the oldest exchanges, never the system message."""
