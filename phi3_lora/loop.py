@@ -332,7 +332,6 @@ class Trainer:
         self._stop_if_signalled_before_training()
         bar = tqdm(total=self.total_steps, initial=p.step, desc="training",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        window, whole_run = Throughput(), Throughput()
         # Python's full garbage collections examine every object it tracks, the imports' and the model's included:
         # 0.33 s a collection in the middle of a step for the 32-layer tiny model on a CPU (2 in 60 steps, 4.9% of
         # their time). Those objects live as long as the run; frozen, the collections skip them (6 ms for 4).
@@ -340,6 +339,7 @@ class Trainer:
         if freezing:
             gc.collect()
             gc.freeze()
+        window, whole_run = Throughput(), Throughput()  # their clocks start after that collection
         try:
             while p.step < self.total_steps:
                 data_clock = time.perf_counter()
